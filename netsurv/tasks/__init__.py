@@ -1,0 +1,1 @@
+"""Task entry points: each ``run(cfg)`` does one stage and returns its results."""

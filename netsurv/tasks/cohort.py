@@ -1,0 +1,25 @@
+"""Resolve the ``data`` config to a loaded cohort, generating the demo cohort on first use."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from netsurv.cohort.schema import Cohort, CohortError, load_cohort
+
+
+def resolve_cohort(data_cfg: DictConfig, *, force: bool = False) -> Cohort:
+    root = Path(str(data_cfg.root)).expanduser()
+    demo = data_cfg.get("demo")
+    user_cohort = (root / "clinical.csv").is_file() and not (root / ".complete").is_file()
+    if demo is not None and not user_cohort:
+        from netsurv.cohort.demo import make_demo_cohort
+
+        kwargs = OmegaConf.to_container(demo, resolve=True)
+        make_demo_cohort(root, force=force, **kwargs)
+    elif not (root / "clinical.csv").is_file():
+        raise CohortError(
+            f"{root}: no clinical.csv; point data.root at a cohort folder (DESIGN.md §3) "
+            "or use data=demo"
+        )
+    return load_cohort(root)

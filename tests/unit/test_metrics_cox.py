@@ -1,0 +1,45 @@
+import numpy as np
+import pandas as pd
+import pytest
+from lifelines import CoxPHFitter
+from lifelines.datasets import load_rossi
+from sksurv.metrics import concordance_index_censored
+
+from netsurv.survival.cox import CoxPH
+from netsurv.survival.metrics import MetricError, harrell_cindex, mean_ci
+
+
+def test_harrell_golden_with_ties():
+    # hand count: comparable pairs (i has event, t_i < t_j): (0,1),(0,2),(0,3),(2,3); t tie (1,2)
+    # with event only at 2 -> comparable as well: (2,1)
+    time = np.array([1.0, 3.0, 3.0, 5.0])
+    event = np.array([1, 0, 1, 0])
+    risk = np.array([4.0, 1.0, 2.0, 2.0])
+    # (0,1) conc, (0,2) conc, (0,3) conc, (2,3) tie in risk -> 0.5, (2,1) conc -> 4.5 / 5
+    assert harrell_cindex(time, event, risk) == pytest.approx(4.5 / 5)
+    sk = concordance_index_censored(event.astype(bool), time, risk)[0]
+    assert harrell_cindex(time, event, risk) == pytest.approx(sk)
+
+
+def test_metric_errors():
+    with pytest.raises(MetricError, match="all patients are censored"):
+        harrell_cindex([1, 2], [0, 0], [0.1, 0.2])
+    with pytest.raises(MetricError, match="NaN"):
+        harrell_cindex([1, 2], [1, 0], [np.nan, 0.2])
+
+
+def test_mean_ci_t_interval():
+    m, sd, (lo, hi) = mean_ci([0.6, 0.7, 0.8])
+    assert m == pytest.approx(0.7) and sd == pytest.approx(0.1)
+    assert hi - m == pytest.approx(4.302652729911275 * 0.1 / np.sqrt(3))
+
+
+def test_coxph_matches_lifelines_and_drops_constant_columns():
+    rossi = load_rossi()
+    X = rossi.drop(columns=["week", "arrest"]).astype(float)
+    X["const"] = 1.0
+    with pytest.warns(UserWarning, match=r"constant column\(s\).*\['const'\]"):
+        m = CoxPH(penalizer=0.0).fit(X, rossi.week, rossi.arrest)
+    ref = CoxPHFitter().fit(rossi, "week", "arrest")
+    np.testing.assert_allclose(m.coef_, ref.params_[m.columns_].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(m.predict_risk(X), X[m.columns_].to_numpy() @ m.coef_)
