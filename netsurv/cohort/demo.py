@@ -180,6 +180,113 @@ SIZES = {
 }
 
 
+def plan_cohort(n_patients: int = 83, seed: int = 0, size: str = "small", *,
+                missing_ct: float = 0.10, missing_wsi: float = 0.10, two_slides: float = 0.15,
+                artefact_rate: float = 0.12, fine_mpp_rate: float = 0.15):
+    """Decide everything about the cohort without writing images: patients, which modalities
+    each has, slides (mpp, vendor, artefacts, traits) and CT scans (scanner, traits).
+
+    Returns ``(patients, slide_jobs, ct_jobs)``; job paths are relative to the cohort folder.
+    """
+    from .demo_ct import SCANNERS
+
+    if size not in SIZES:
+        raise ValueError(f"demo size={size!r} unknown; use one of {sorted(SIZES)}")
+    for name, frac in [("missing_ct", missing_ct), ("missing_wsi", missing_wsi),
+                       ("two_slides", two_slides), ("artefact_rate", artefact_rate),
+                       ("fine_mpp_rate", fine_mpp_rate)]:
+        if not 0 <= frac <= 1:
+            raise ValueError(f"demo {name}={frac} must be a fraction in [0, 1]")
+    df = simulate_patients(n_patients, seed)
+    rng = np.random.default_rng([seed, 2])
+    n = len(df)
+    has_ct = rng.random(n) >= missing_ct
+    has_wsi = rng.random(n) >= missing_wsi
+    # never drop both imaging modalities of one patient: the demo should exercise fusion
+    has_wsi[~has_ct & ~has_wsi] = True
+    n_slides = np.where(has_wsi, 1 + (rng.random(n) < two_slides), 0)
+    child = np.random.SeedSequence([seed, 3])
+
+    slide_jobs = []
+    for i, row in df.iterrows():
+        for s in range(n_slides[i]):
+            sid = f"{row.patient_id}-S{s + 1}"
+            fine = rng.random() < fine_mpp_rate
+            mpp = 0.25 if fine else 0.5
+            u = rng.random()
+            kinds = ("pen", "padding", "blur")
+            artefacts = (kinds[int(u // artefact_rate)],) if u < 3 * artefact_rate else ()
+            # a second block from the same tumour: same traits up to sampling variation
+            jitter = rng.normal(0, 0.15, 3) if s else np.zeros(3)
+            slide_jobs.append(dict(
+                patient_id=row.patient_id, slide_id=sid, path=f"slides/{sid}.tiff",
+                seed=child.spawn(1)[0],
+                density_z=float(row.wsi_density + jitter[0]),
+                size_z=float(row.wsi_nuclear_size + jitter[1]),
+                pleomorphism_z=float(row.wsi_pleomorphism + jitter[2]),
+                mpp=mpp, width_um=SIZES[size][mpp], height_um=SIZES[size][mpp],
+                artefacts=artefacts, vendor="generic" if fine else "aperio",
+                truth_path=f"truth/slides/{sid}.png",
+            ))
+
+    scanner_names = sorted(SCANNERS)
+    ct_jobs = []
+    for i, row in df.iterrows():
+        if not has_ct[i]:
+            continue
+        ct_jobs.append(dict(
+            patient_id=row.patient_id,
+            image_path=f"ct/{row.patient_id}_ct.nii.gz",
+            mask_path=f"ct/{row.patient_id}_mask.nii.gz",
+            seed=child.spawn(1)[0],
+            size_z=float(row.ct_size),
+            irregularity_z=float(row.ct_irregularity),
+            heterogeneity_z=float(row.ct_heterogeneity),
+            scanner=scanner_names[rng.integers(len(scanner_names))],
+        ))
+    return df, slide_jobs, ct_jobs
+
+
+def interim_pathomics(df: pd.DataFrame, slide_info: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Stand-in pathomics table (``features/pathomics.csv``) until the WSI morphology stage
+    exists: what nuclear morphometry would measure, from the slides' generated nuclei statistics
+    and the latent traits plus measurement noise, with correlated and uninformative columns as
+    in real morphology tables. Patients without slides are absent."""
+    rng = np.random.default_rng([seed, 4])
+    per = slide_info.groupby("patient_id").agg(
+        density=("nuclear_density_per_mm2", "mean"),
+        diameter=("mean_nuclear_diameter_um", "mean"))
+    t = df.set_index("patient_id").loc[per.index]
+    n = len(per)
+    noise = lambda s: rng.normal(0, s, n)  # noqa: E731
+    log_density = np.log(per["density"].to_numpy())
+    area = np.pi / 4 * per["diameter"].to_numpy() ** 2
+    pleo = t["wsi_pleomorphism"].to_numpy()
+    feats = {
+        "nuclei_density_log": log_density + noise(0.08),
+        "nuclei_area_mean": area * np.exp(noise(0.05)),
+        "nuclei_area_median": area * np.exp(noise(0.06)) * 0.97,
+        "nuclei_area_std": area * (0.2 + 0.06 * pleo).clip(0.05) * np.exp(noise(0.1)),
+        "nuclei_area_q90": area * (1.3 + 0.1 * pleo).clip(1.05) * np.exp(noise(0.06)),
+        "nuclei_eccentricity_mean": (0.55 + 0.05 * pleo + noise(0.03)).clip(0, 1),
+        "nuclei_solidity_mean": (0.95 - 0.012 * pleo + noise(0.006)).clip(0, 1),
+        "nuclei_perimeter_mean": np.sqrt(area) * (3.6 + 0.1 * pleo) * np.exp(noise(0.04)),
+        "hematoxylin_od_mean": 0.25 + 0.05 * log_density + 0.01 * pleo + noise(0.02),
+        "hematoxylin_od_std": 0.08 + 0.02 * pleo + noise(0.015),
+        "glcm_contrast_h": 2.0 + 0.6 * log_density + 0.3 * pleo + noise(0.4),
+        "glcm_homogeneity_h": 0.6 - 0.05 * log_density - 0.02 * pleo + noise(0.03),
+        "glcm_energy_h": 0.2 - 0.02 * log_density + noise(0.02),
+        "glcm_correlation_h": 0.8 + noise(0.05),
+        "eosin_od_mean": 0.3 + noise(0.04),
+        "stroma_fraction": (0.5 - 0.05 * log_density + noise(0.08)).clip(0, 1),
+    }
+    for j in range(8):  # uninformative texture statistics
+        feats[f"texture_noise_{j}"] = rng.normal(0, 1, n)
+    out = pd.DataFrame(feats, index=per.index).round(6)
+    out.index.name = "patient_id"
+    return out.reset_index()
+
+
 def make_demo_cohort(
     root,
     *,
@@ -198,125 +305,65 @@ def make_demo_cohort(
     """Generate the demo cohort into ``root`` unless an identical one is already there.
 
     The cohort is built in a sibling temporary folder and renamed into place, so an interrupted
-    generation never leaves a half cohort that looks complete.
+    generation never leaves a half cohort that looks complete. A folder holding a cohort that is
+    not a demo cohort (a ``clinical.csv`` without the ``.complete`` marker) is never touched.
     """
-    if size not in SIZES:
-        raise ValueError(f"demo size={size!r} unknown; use one of {sorted(SIZES)}")
-    for name, frac in [("missing_ct", missing_ct), ("missing_wsi", missing_wsi),
-                       ("two_slides", two_slides), ("artefact_rate", artefact_rate),
-                       ("fine_mpp_rate", fine_mpp_rate)]:
-        if not 0 <= frac <= 1:
-            raise ValueError(f"demo {name}={frac} must be a fraction in [0, 1]")
     root = Path(root).expanduser().resolve()
     params = dict(n_patients=n_patients, seed=seed, size=size, missing_ct=missing_ct,
                   missing_wsi=missing_wsi, two_slides=two_slides, artefact_rate=artefact_rate,
                   fine_mpp_rate=fine_mpp_rate)
     key = _params_key(params)
     marker = root / ".complete"
-    if not force and marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-        return root
-    if root.exists() and any(root.iterdir()) and not (root / ".complete").exists() and not force:
-        if not (root / "clinical.csv").exists():
-            raise FileExistsError(f"{root} exists and is not a demo cohort; choose another root")
+    if marker.is_file():
+        if not force and json.loads(marker.read_text()).get("key") == key:
+            return root
+    elif root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists and is not a netsurv demo cohort; choose another "
+                              "data.root for the demo")
+    df, slide_jobs, ct_jobs = plan_cohort(**params)
 
     t0 = time.perf_counter()
     n_jobs = n_jobs or min(2, os.cpu_count() or 1)
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "slides").mkdir(parents=True)
-    (tmp / "ct").mkdir()
-    (tmp / "truth" / "slides").mkdir(parents=True)
-
-    df = simulate_patients(n_patients, seed)
-    rng = np.random.default_rng([seed, 2])
-    n = len(df)
-    has_ct = rng.random(n) >= missing_ct
-    has_wsi = rng.random(n) >= missing_wsi
-    # never drop both imaging modalities of one patient: the demo should exercise fusion
-    both_missing = ~has_ct & ~has_wsi
-    has_wsi[both_missing] = True
-    n_slides = np.where(has_wsi, 1 + (rng.random(n) < two_slides), 0)
-    child = np.random.SeedSequence([seed, 3])
-
-    slide_jobs, slide_rows = [], []
-    for i, row in df.iterrows():
-        for s in range(n_slides[i]):
-            sid = f"{row.patient_id}-S{s + 1}"
-            fine = rng.random() < fine_mpp_rate
-            mpp = 0.25 if fine else 0.5
-            u = rng.random()
-            artefacts = ()
-            if u < artefact_rate:
-                artefacts = ("pen",)
-            elif u < 2 * artefact_rate:
-                artefacts = ("padding",)
-            elif u < 3 * artefact_rate:
-                artefacts = ("blur",)
-            # a second block from the same tumour: same traits up to sampling variation
-            jitter = rng.normal(0, 0.15, 3) if s else np.zeros(3)
-            slide_jobs.append(dict(
-                path=str(tmp / "slides" / f"{sid}.tiff"),
-                seed=child.spawn(1)[0],
-                density_z=float(row.wsi_density + jitter[0]),
-                size_z=float(row.wsi_nuclear_size + jitter[1]),
-                pleomorphism_z=float(row.wsi_pleomorphism + jitter[2]),
-                mpp=mpp,
-                width_um=SIZES[size][mpp],
-                height_um=SIZES[size][mpp],
-                artefacts=artefacts,
-                vendor="generic" if fine else "aperio",
-                truth_path=str(tmp / "truth" / "slides" / f"{sid}.png"),
-            ))
-            slide_rows.append(dict(patient_id=row.patient_id, slide_id=sid,
-                                   path=f"slides/{sid}.tiff"))
-
-    from .demo_ct import SCANNERS
-
-    scanner_names = sorted(SCANNERS)
-    ct_jobs, ct_rows = [], []
-    for i, row in df.iterrows():
-        if not has_ct[i]:
-            continue
-        scanner = scanner_names[rng.integers(len(scanner_names))]
-        ct_jobs.append(dict(
-            image_path=str(tmp / "ct" / f"{row.patient_id}_ct.nii.gz"),
-            mask_path=str(tmp / "ct" / f"{row.patient_id}_mask.nii.gz"),
-            seed=child.spawn(1)[0],
-            size_z=float(row.ct_size),
-            irregularity_z=float(row.ct_irregularity),
-            heterogeneity_z=float(row.ct_heterogeneity),
-            scanner=scanner,
-        ))
-        ct_rows.append(dict(patient_id=row.patient_id, image=f"ct/{row.patient_id}_ct.nii.gz",
-                            mask=f"ct/{row.patient_id}_mask.nii.gz"))
-
+    for sub in ("slides", "ct", "truth/slides", "features"):
+        (tmp / sub).mkdir(parents=True)
     if verbose:
-        print(f"netsurv demo: generating {n} patients, {len(slide_jobs)} slides, "
+        print(f"netsurv demo: generating {len(df)} patients, {len(slide_jobs)} slides, "
               f"{len(ct_jobs)} CT scans into {root} ({n_jobs} processes)", flush=True)
-    slide_info = _run_jobs(_write_slide_job, slide_jobs, n_jobs)
-    ct_info = _run_jobs(_write_ct_job, ct_jobs, n_jobs)
+    slide_info = _run_jobs(_write_slide_job, [
+        {k: v for k, v in j.items() if k not in ("patient_id", "slide_id")}
+        | {"path": str(tmp / j["path"]), "truth_path": str(tmp / j["truth_path"])}
+        for j in slide_jobs], n_jobs)
+    ct_info = _run_jobs(_write_ct_job, [
+        {k: v for k, v in j.items() if k != "patient_id"}
+        | {"image_path": str(tmp / j["image_path"]), "mask_path": str(tmp / j["mask_path"])}
+        for j in ct_jobs], n_jobs)
 
     df[CLINICAL_COLUMNS].to_csv(tmp / "clinical.csv", index=False)
     truth_cols = ["patient_id", "true_risk"] + [c for c in df.columns if c.startswith(("ct_", "wsi_"))]
     df[truth_cols].to_csv(tmp / "truth.csv", index=False)
-    pd.DataFrame(slide_rows).to_csv(tmp / "slides.csv", index=False)
-    ct = pd.DataFrame(ct_rows)
-    acq = pd.DataFrame([{
+    pd.DataFrame([{k: j[k] for k in ("patient_id", "slide_id", "path")} for j in slide_jobs]
+                 ).to_csv(tmp / "slides.csv", index=False)
+    pd.DataFrame([{
+        "patient_id": j["patient_id"], "image": j["image_path"], "mask": j["mask_path"],
         "scanner": info["scanner"], "manufacturer": info["manufacturer"],
         "kernel": info["kernel"], "slice_thickness": info["slice_thickness"],
         "pixel_spacing": info["pixel_spacing"],
-    } for info in ct_info])
-    pd.concat([ct, acq], axis=1).to_csv(tmp / "ct.csv", index=False)
+    } for j, info in zip(ct_jobs, ct_info)]).to_csv(tmp / "ct.csv", index=False)
 
-    st = pd.DataFrame(slide_info)
-    st.insert(0, "slide_id", [r["slide_id"] for r in slide_rows])
-    st["truth_mask"] = [f"truth/slides/{r['slide_id']}.png" for r in slide_rows]
+    st = pd.DataFrame([{k: v for k, v in info.items() if k != "levels"} for info in slide_info])
+    st.insert(0, "slide_id", [j["slide_id"] for j in slide_jobs])
+    st.insert(0, "patient_id", [j["patient_id"] for j in slide_jobs])
+    st["truth_mask"] = [j["truth_path"] for j in slide_jobs]
     st["artefacts"] = [";".join(a) for a in st["artefacts"]]
-    st.drop(columns=[c for c in ("levels",) if c in st], inplace=True)
     st.to_csv(tmp / "truth" / "slides.csv", index=False)
-    ctt = pd.DataFrame(ct_info)
-    ctt.insert(0, "patient_id", [r["patient_id"] for r in ct_rows])
+    ctt = pd.DataFrame([{k: (v if np.isscalar(v) else json.dumps(list(v))) for k, v in info.items()}
+                        for info in ct_info])
+    ctt.insert(0, "patient_id", [j["patient_id"] for j in ct_jobs])
     ctt.to_csv(tmp / "truth" / "ct.csv", index=False)
+    if len(st):
+        interim_pathomics(df, st, seed).to_csv(tmp / "features" / "pathomics.csv", index=False)
 
     elapsed = time.perf_counter() - t0
     (tmp / ".complete").write_text(json.dumps(

@@ -21,9 +21,10 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
     so ``handle_unknown='ignore'`` with ``drop='first'`` is used, supported by sklearn >= 1.0).
     """
 
-    def __init__(self, numeric=(), categorical=()):
+    def __init__(self, numeric=(), categorical=(), scale_indicators: bool = False):
         self.numeric = numeric
         self.categorical = categorical
+        self.scale_indicators = scale_indicators
 
     def _frame(self, X: pd.DataFrame) -> pd.DataFrame:
         cols = list(self.numeric) + list(self.categorical)
@@ -63,6 +64,7 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
                                          missing_values=None)),
                 ("onehot", OneHotEncoder(drop="first", handle_unknown="ignore",
                                          sparse_output=False)),
+                *([("scale", StandardScaler())] if self.scale_indicators else []),
             ]), list(self.categorical)))
         if not transformers:
             raise ValueError("ClinicalEncoder has no columns: set data.clinical.numeric/categorical")

@@ -88,7 +88,45 @@ def test_leak_free_encoder_is_fitted_on_train_rows(small_cohort, tmp_path):
     run(_cfg(base + ["+output_dir=" + str(tmp_path / "b")]))
     a = joblib.load(tmp_path / "a" / "models" / "seed0.joblib")
     b = joblib.load(tmp_path / "b" / "models" / "seed0.joblib")
-    np.testing.assert_allclose(a.model.coef_, b.model.coef_)
+    np.testing.assert_allclose(a.model_.coef_, b.model_.coef_)
+
+
+def test_leak_free_feature_steps_with_combat(small_cohort, tmp_path):
+    """Imputation, scaling, ComBat, correlation filter, selection and the inner search see training
+    rows only: rewriting every test patient's features leaves the fitted model unchanged."""
+    import joblib
+
+    root, df = small_cohort
+    rng = np.random.default_rng(1)
+    n = len(df)
+    scanner = rng.choice(["A", "B", "C"], n)
+    shift = pd.Series({"A": 0.0, "B": 2.0, "C": -1.0})[scanner].to_numpy()
+    feats = pd.DataFrame({"patient_id": df.patient_id,
+                          **{f"f{i}": df.true_risk * (i % 3 == 0) + rng.normal(0, 1, n) + shift
+                             for i in range(12)}})
+    (root / "features").mkdir()
+    feats.to_csv(root / "features" / "radiomics.csv", index=False)
+    (root / "img").mkdir()
+    for p in df.patient_id:
+        (root / "img" / p).write_bytes(b"x")
+    pd.DataFrame({"patient_id": df.patient_id, "image": "img/" + df.patient_id,
+                  "mask": "img/" + df.patient_id, "scanner": scanner}).to_csv(root / "ct.csv", index=False)
+    base = ["data=cohort", f"data.root={root}", "evaluation.seeds=[0]", "name=r",
+            "modalities=[radiomics]", "harmonize=combat", "selection.k=[2,4]"]
+    m = run(_cfg(base + ["+output_dir=" + str(tmp_path / "a")]))
+    assert m["harmonize"] == "combat" and m["cindex"]["mean"] > 0.6
+    pred = pd.read_csv(tmp_path / "a" / "predictions.csv", dtype={"patient_id": str})
+    test_ids = pred[pred.role == "test"].patient_id
+    feats.loc[feats.patient_id.isin(test_ids), [f"f{i}" for i in range(12)]] = 100.0
+    feats.to_csv(root / "features" / "radiomics.csv", index=False)
+    run(_cfg(base + ["+output_dir=" + str(tmp_path / "b")]))
+    a = joblib.load(tmp_path / "a" / "models" / "seed0.joblib")
+    b = joblib.load(tmp_path / "b" / "models" / "seed0.joblib")
+    assert a.selected_ == b.selected_
+    np.testing.assert_allclose(a.model_.coef_, b.model_.coef_)
+    sa = pd.read_csv(tmp_path / "a" / "inner_search.csv")
+    sb = pd.read_csv(tmp_path / "b" / "inner_search.csv")
+    pd.testing.assert_frame_equal(sa, sb)
 
 
 def test_feature_table_modality(small_cohort, tmp_path):
@@ -99,6 +137,8 @@ def test_feature_table_modality(small_cohort, tmp_path):
                           "signal": df.true_risk + rng.normal(0, 0.3, len(df)),
                           "noise": rng.normal(size=len(df))})
     feats.to_csv(root / "features" / "radiomics.csv", index=False)
-    cfg = _cfg(["data=cohort", f"data.root={root}", "name=radiomics_table",
+    cfg = _cfg(["data=cohort", f"data.root={root}", "name=radiomics_table", "model=coxph",
                 "modalities=[radiomics]", "+output_dir=" + str(tmp_path / "r")])
     assert run(cfg)["cindex"]["mean"] > 0.65
+    hr = pd.read_csv(tmp_path / "r" / "hazard_ratios.csv")
+    assert {"feature", "exp(coef)", "exp(coef) lower 95%", "exp(coef) upper 95%", "split"} <= set(hr.columns)

@@ -1,0 +1,1 @@
+"""Survival models: classical (Cox on selected features) and, later, deep (MIL + fusion)."""

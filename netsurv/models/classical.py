@@ -1,0 +1,180 @@
+"""The founding study's classical pipeline, leak-free.
+
+Per training split: clinical encoding; for each imaging/feature-table modality: drop invalid
+columns -> train-median imputation -> optional ComBat (batches from ct.csv) -> standardisation ->
+correlation filter; then the top-k imaging features by univariate Cox score (clinical variables are
+always kept) -> Cox model. ``k`` and the model's ``l1_ratio`` are chosen by an inner stratified
+k-fold grid on the training split only; every step is refitted inside each inner fold.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
+
+from netsurv.features.select import CorrelationFilter, DropInvalid, UnivariateCoxSelector
+from netsurv.features.tabular import TableScaler
+from netsurv.survival.metrics import harrell_cindex
+
+
+class ImagingBlock:
+    """One numeric modality: DropInvalid -> impute+scale -> [ComBat -> rescale] -> correlation filter."""
+
+    def __init__(self, harmonizer=None, corr_threshold: float | None = 0.9):
+        self.harmonizer = harmonizer
+        self.corr_threshold = corr_threshold
+
+    def fit_transform(self, X: pd.DataFrame, y, meta=None) -> pd.DataFrame:
+        self.drop_ = DropInvalid().fit(X)
+        Z = self.drop_.transform(X)
+        self.scale_ = TableScaler().fit(Z)
+        Z = self.scale_.transform(Z)
+        if self.harmonizer is not None:
+            self.harm_ = clone(self.harmonizer).fit(Z, meta.loc[Z.index])
+            Z = self.harm_.transform(Z, meta.loc[Z.index])
+            self.rescale_ = TableScaler().fit(Z)
+            Z = self.rescale_.transform(Z)
+        self.corr_ = None
+        if self.corr_threshold is not None and Z.shape[1] > 1:
+            self.corr_ = CorrelationFilter(threshold=self.corr_threshold).fit(Z, y)
+            Z = self.corr_.transform(Z)
+        return Z
+
+    def transform(self, X: pd.DataFrame, meta=None) -> pd.DataFrame:
+        Z = self.scale_.transform(self.drop_.transform(X))
+        if self.harmonizer is not None:
+            Z = self.rescale_.transform(self.harm_.transform(Z, meta.loc[Z.index]))
+        return self.corr_.transform(Z) if self.corr_ is not None else Z
+
+
+@dataclass
+class _Prepared:
+    clinical: pd.DataFrame | None
+    imaging: pd.DataFrame | None
+    scores: pd.Series | None  # univariate Cox |z| of the imaging features, training rows
+
+
+class ClassicalPipeline:
+    """Clinical encoder + imaging blocks + top-k selection + Cox model (sklearn-style pieces)."""
+
+    def __init__(self, clinical_encoder=None, imaging: dict | None = None, model=None, k=10,
+                 meta: pd.DataFrame | None = None):
+        self.clinical_encoder = clinical_encoder
+        self.imaging = imaging or {}
+        self.model = model
+        self.k = k
+        self.meta = meta  # acquisition table by patient (ComBat batches)
+
+    # -- fitting pieces -----------------------------------------------------------------------
+    def _prepare(self, frames, time, event) -> tuple[_Prepared, dict]:
+        y = (np.asarray(time, float), np.asarray(event, int))
+        fitted = {}
+        Zc = Zi = scores = None
+        if "clinical" in frames:
+            enc = clone(self.clinical_encoder).fit(frames["clinical"])
+            fitted["clinical"] = enc
+            Zc = enc.transform(frames["clinical"]).add_prefix("clinical:")
+        parts = []
+        for name, block in self.imaging.items():
+            b = ImagingBlock(block.harmonizer, block.corr_threshold)
+            parts.append(b.fit_transform(frames[name], y, self.meta).add_prefix(f"{name}:"))
+            fitted[name] = b
+        if parts:
+            Zi = pd.concat(parts, axis=1)
+            sel = UnivariateCoxSelector(k="all", min_events_per_feature=None).fit(Zi, y)
+            scores = pd.Series(sel.scores_, index=Zi.columns).sort_values(ascending=False,
+                                                                          kind="stable")
+        return _Prepared(Zc, Zi, scores), fitted
+
+    def _transform(self, fitted, frames) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+        Zc = Zi = None
+        if "clinical" in fitted:
+            Zc = fitted["clinical"].transform(frames["clinical"]).add_prefix("clinical:")
+        parts = [fitted[n].transform(frames[n], self.meta).add_prefix(f"{n}:") for n in self.imaging]
+        if parts:
+            Zi = pd.concat(parts, axis=1)
+        return Zc, Zi
+
+    @staticmethod
+    def _design(Zc, Zi, selected):
+        parts = [z for z in (Zc, None if Zi is None else Zi[selected]) if z is not None]
+        return pd.concat(parts, axis=1)
+
+    def _top(self, scores, k):
+        if scores is None:
+            return []
+        k = len(scores) if k in (None, "all") else min(int(k), len(scores))
+        return list(scores.index[:k])
+
+    # -- public API ---------------------------------------------------------------------------
+    def fit(self, frames, time, event):
+        prep, self.fitted_ = self._prepare(frames, time, event)
+        self.selected_ = self._top(prep.scores, self.k)
+        n_ev = int(np.sum(event))
+        if self.selected_ and n_ev < 10 * len(self.selected_):
+            warnings.warn(f"too few events per feature: {n_ev} events for "
+                          f"{len(self.selected_)} selected imaging features", UserWarning)
+        X = self._design(prep.clinical, prep.imaging, self.selected_)
+        self.model_ = clone(self.model).fit(X, time, event)
+        self.columns_ = list(X.columns)
+        return self
+
+    def design(self, frames) -> pd.DataFrame:
+        Zc, Zi = self._transform(self.fitted_, frames)
+        return self._design(Zc, Zi, self.selected_)
+
+    def predict_risk(self, frames) -> np.ndarray:
+        return self.model_.predict_risk(self.design(frames))
+
+    def predict_survival(self, frames, times) -> np.ndarray:
+        return self.model_.predict_survival(self.design(frames), times)
+
+
+def inner_search(pipe: ClassicalPipeline, frames, time, event, grid: dict, cv: int = 3,
+                 seed: int = 0) -> tuple[dict, pd.DataFrame]:
+    """Choose ``k`` and model parameters by stratified ``cv``-fold C-index on the given (training)
+    rows. Preprocessing is fitted once per fold (it does not depend on the grid); the selection
+    and the model are refitted per grid point. Returns the best parameters and the score table."""
+    time = np.asarray(time, float)
+    event = np.asarray(event, int)
+    ks = list(grid.get("k", [pipe.k])) if pipe.imaging else [None]
+    model_keys = [k for k in grid if k != "k"]
+    model_grid = [dict(zip(model_keys, v)) for v in
+                  itertools.product(*(list(grid[k]) for k in model_keys))] or [{}]
+    n_splits = int(min(cv, event.sum(), len(event) - event.sum()))
+    if n_splits < 2:
+        raise ValueError(f"inner search needs {cv} events and censored patients; the training "
+                         f"split has {int(event.sum())} events in {len(event)} patients")
+    folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+    records = []
+    for f, (tr, va) in enumerate(folds.split(np.zeros(len(event)), event)):
+        sub = lambda idx: {n: v.iloc[idx] for n, v in frames.items()}  # noqa: E731
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fold-level warnings repeat the outer ones
+            prep, fitted = pipe._prepare(sub(tr), time[tr], event[tr])
+            Zc_va, Zi_va = pipe._transform(fitted, sub(va))
+            for k in ks:
+                sel = pipe._top(prep.scores, k)
+                Xtr = pipe._design(prep.clinical, prep.imaging, sel)
+                Xva = pipe._design(Zc_va, Zi_va, sel)
+                for params in model_grid:
+                    try:
+                        m = clone(pipe.model).set_params(**params).fit(Xtr, time[tr], event[tr])
+                        risk = m.predict_risk(Xva)
+                        c = harrell_cindex(time[va], event[va], risk) if np.ptp(risk) else 0.5
+                    except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+                        c = np.nan
+                    records.append({"fold": f, "k": k, **params, "cindex": c})
+    table = pd.DataFrame(records)
+    keys = ["k", *model_keys]
+    mean = table.groupby(keys, dropna=False, sort=False)["cindex"].mean()
+    if mean.isna().all():
+        raise ArithmeticError("every grid point failed in the inner search")
+    best = mean.idxmax()
+    best = dict(zip(keys, best if isinstance(best, tuple) else (best,)))
+    return best, mean.reset_index()

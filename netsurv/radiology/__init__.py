@@ -1,0 +1,1 @@
+"""CT stage: volumes and masks in, pyradiomics feature table out."""

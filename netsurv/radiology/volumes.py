@@ -1,0 +1,115 @@
+"""Read CT volumes and tumour masks (DICOM series, NIfTI, NRRD, MHA) and make them agree.
+
+pyradiomics fails late and cryptically on the classic problems (geometry mismatch, masks
+labelled 255, empty masks), so every case is checked here first and fails with a reason that
+names the file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+
+class VolumeError(ValueError):
+    """A CT case cannot be used; the message names the file and the reason."""
+
+
+def read_volume(path) -> sitk.Image:
+    """A file readable by SimpleITK, or a folder holding one DICOM series."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: file or folder does not exist")
+    try:
+        if path.is_dir():
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            if not ids:
+                raise VolumeError(f"{path}: folder holds no DICOM series")
+            if len(ids) > 1:
+                raise VolumeError(f"{path}: folder holds {len(ids)} DICOM series {list(ids)}; "
+                                  "put each series in its own folder")
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except VolumeError:
+        raise
+    except RuntimeError as exc:  # SimpleITK reports every reader failure as RuntimeError
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise VolumeError(f"{path}: cannot be read as an image ({first})") from exc
+
+
+def geometry(img: sitk.Image) -> dict:
+    return {"size": tuple(img.GetSize()), "spacing": tuple(round(s, 6) for s in img.GetSpacing()),
+            "origin": tuple(round(o, 4) for o in img.GetOrigin()),
+            "direction": tuple(round(d, 6) for d in img.GetDirection())}
+
+
+def geometry_mismatch(image: sitk.Image, mask: sitk.Image, tol: float = 1e-3) -> list[str]:
+    """Differences beyond ``tol`` (relative for spacing, mm for origin, absolute for direction)."""
+    diffs = []
+    if image.GetSize() != mask.GetSize():
+        diffs.append("size")
+    if not np.allclose(image.GetSpacing(), mask.GetSpacing(), rtol=tol, atol=0):
+        diffs.append("spacing")
+    if not np.allclose(image.GetOrigin(), mask.GetOrigin(), rtol=0,
+                       atol=max(tol, tol * min(image.GetSpacing()))):
+        diffs.append("origin")
+    if not np.allclose(image.GetDirection(), mask.GetDirection(), atol=tol):
+        diffs.append("direction")
+    return diffs
+
+
+@dataclass
+class Case:
+    image: sitk.Image
+    mask: sitk.Image          # binary uint8, 1 = region of interest, same geometry as image
+    notes: list[str] = field(default_factory=list)
+
+
+def load_case(image_path, mask_path, *, label: int = 1, resample_mask: bool = False,
+              tol: float = 1e-3) -> Case:
+    """Read image and mask, reconcile geometry, and binarise the mask on ``label``.
+
+    - geometry mismatch: resample the mask onto the image grid (nearest neighbour) when
+      ``resample_mask``; otherwise fail giving both geometries;
+    - a binary mask labelled 255 is accepted for ``label=1`` (with a note);
+    - a mask without the label, or empty after resampling, fails with the labels it holds.
+    """
+    image = read_volume(image_path)
+    mask = read_volume(mask_path)
+    notes: list[str] = []
+    if image.GetDimension() != 3 or mask.GetDimension() != 3:
+        raise VolumeError(f"{image_path} / {mask_path}: expected 3-D volumes, got "
+                          f"{image.GetDimension()}-D image and {mask.GetDimension()}-D mask")
+    diffs = geometry_mismatch(image, mask, tol)
+    if diffs:
+        if not resample_mask:
+            raise VolumeError(
+                f"{mask_path}: mask geometry differs from image {image_path} in {diffs}: image "
+                f"{geometry(image)} vs mask {geometry(mask)}. Fix the mask or set "
+                "radiology.resample_mask=true to resample it onto the image (nearest neighbour)."
+            )
+        mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                             mask.GetPixelID())
+        notes.append(f"mask resampled onto the image grid (differed in {diffs})")
+    arr = sitk.GetArrayViewFromImage(mask)
+    labels = np.unique(arr)
+    present = [int(v) for v in labels if v != 0]
+    use = label
+    if label not in present:
+        if label == 1 and present == [255]:
+            use = 255
+            notes.append("binary mask labelled 255: using 255 as the region of interest")
+        elif not present:
+            raise VolumeError(f"{mask_path}: mask is empty (no non-zero voxel"
+                              f"{' after resampling' if diffs else ''})")
+        else:
+            raise VolumeError(f"{mask_path}: label {label} not present; the mask holds labels "
+                              f"{present[:20]}. Set the 'label' column in ct.csv or "
+                              "radiology.label.")
+    binary = sitk.Cast(sitk.BinaryThreshold(mask, use, use, 1, 0), sitk.sitkUInt8)
+    binary.CopyInformation(image)
+    return Case(image=image, mask=binary, notes=notes)

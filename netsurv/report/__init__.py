@@ -1,0 +1,1 @@
+"""Run reports: results tables (and, later, figures and HTML)."""

@@ -1,0 +1,14 @@
+"""Extract pyradiomics features for every CT case of a cohort (cached, parallel, resumable)."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="extract_radiomics")
+def main(cfg: DictConfig) -> None:
+    from netsurv.tasks.radiomics import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
