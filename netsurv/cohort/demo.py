@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-GENERATOR_VERSION = "1"  # bump when the generative model changes: invalidates cached cohorts
+GENERATOR_VERSION = "2"  # bump when the generative model changes: invalidates cached cohorts
 
 HISTOLOGY = {
     # name: (prevalence, log-hazard, trait shift for wsi_density/pleomorphism, ct_size shift)
@@ -85,7 +85,7 @@ def simulate_patients(n_patients: int = 83, seed: int = 0) -> pd.DataFrame:
     shift_w = np.array([HISTOLOGY[h][2] for h in hist])
     shift_c = np.array([HISTOLOGY[h][3] for h in hist])
     traits = {
-        "ct_size": shift_c + 0.6 * (stage_score - 0.5) + rng.normal(0, 0.8, n_patients),
+        "ct_size": 0.6 * shift_c + 0.3 * (stage_score - 0.5) + rng.normal(0, 0.9, n_patients),
         "ct_irregularity": 0.4 * shift_c + rng.normal(0, 1, n_patients),
         "ct_heterogeneity": 0.3 * shift_c + rng.normal(0, 1, n_patients),
         "wsi_density": shift_w + rng.normal(0, 0.7, n_patients),

@@ -49,8 +49,8 @@ class CoxNet(BaseEstimator):
     """Elastic-net Cox. ``alpha=None`` selects the penalty on the path by inner stratified
     ``cv``-fold C-index on the training rows given to ``fit`` (never on test data)."""
 
-    def __init__(self, l1_ratio: float = 0.5, alpha: float | None = None, n_alphas: int = 50,
-                 alpha_min_ratio: float = 0.01, cv: int = 3, cv_metric: str = "deviance",
+    def __init__(self, l1_ratio: float = 0.5, alpha: float | None = None, n_alphas: int = 100,
+                 alpha_min_ratio: float = 0.01, cv: int = 3, cv_metric: str = "cindex",
                  seed: int = 0):
         self.l1_ratio = l1_ratio
         self.alpha = alpha

@@ -1,0 +1,10 @@
+"""Whole-slide image stage 1: slide access (mpp chain), tissue masks, tiling, tile datasets.
+
+- :mod:`.slides`   ``open_slide(path, mpp_override=None)`` -> :class:`SlideReader`
+- :mod:`.tissue`   ``segment_tissue(slide, params)`` -> :class:`TissueMask`, ``save_qc``
+- :mod:`.tiling`   ``tile_slide``, ``write_coords``, ``params_hash``, :class:`TileDataset`
+- :mod:`.rawtiles` :class:`RawTileReader`: direct JPEG tile decoding for aligned grids
+"""
+from .slides import SlideError, SlideReader, open_slide
+
+__all__ = ["SlideError", "SlideReader", "open_slide"]

@@ -1,0 +1,172 @@
+"""Raw-tile fast path: decode a tiled JPEG TIFF/SVS's compressed tiles directly.
+
+When the requested tiles line up with the file's tile grid at the read level (level
+coordinates and read size multiples of the file tile size, no resampling of the level
+grid), the compressed bytes of each file tile are read with ``os.pread`` from the offsets
+in the TIFF directory (``dataoffsets`` / ``databytecounts``) and decoded with tifffile's
+page decoder (imagecodecs ``jpeg8_decode``: libjpeg-turbo, releases the GIL, handles
+``JPEGTables`` and the photometric interpretation), skipping openslide's cache and
+compositing.  Pixels equal openslide's up to JPEG-decoder differences (identical libjpeg-turbo
+builds give identical pixels; the test allows max |diff| <= 3).
+
+``decode_jpeg_torch`` decodes lists of tile streams with ``torchvision.io.decode_jpeg``,
+on CUDA in batches when ``device="cuda"`` (JPEGTables are merged into each stream first);
+it applies to YCbCr (photometric 6) tiles only.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .slides import ReadPlan, SlideError, resize_rgb
+
+__all__ = ["RawTileReader", "merge_jpeg_tables", "decode_jpeg_torch"]
+
+JPEG = 7
+
+
+def merge_jpeg_tables(tables: bytes | None, data: bytes) -> bytes:
+    """Abbreviated JPEG stream + JPEGTables -> a self-contained stream."""
+    if not tables:
+        return data
+    return bytes(tables[:-2]) + bytes(data[2:])  # drop tables' EOI and the tile's SOI
+
+
+class RawTileReader:
+    """Direct access to the JPEG tiles of a tiled TIFF (Aperio SVS, generic pyramidal TIFF).
+
+    Levels are the tiled JPEG RGB pages, identified by their pixel size (``level_for``)."""
+
+    def __init__(self, path):
+        import tifffile
+
+        self.path = Path(path)
+        try:
+            self._tf = tifffile.TiffFile(self.path)
+        except Exception as e:
+            raise SlideError(f"{self.path}: not a readable TIFF ({e})") from e
+        self.pages = []
+        for page in self._tf.pages:
+            if (page.is_tiled and int(page.compression) == JPEG and page.samplesperpixel == 3
+                    and page.imagedepth == 1):
+                self.pages.append(page)
+        if not self.pages:
+            raise SlideError(f"{self.path}: no tiled JPEG RGB pages; use the openslide path")
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    # -------------------------------------------------------------- geometry
+    def level_for(self, width: int, height: int) -> int:
+        for i, p in enumerate(self.pages):
+            if (p.imagewidth, p.imagelength) == (width, height):
+                return i
+        raise SlideError(f"{self.path}: no tiled JPEG page of {width}x{height} px")
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        p = self.pages[level]
+        return p.tilewidth, p.tilelength
+
+    def supports(self, coords: np.ndarray, plan: ReadPlan, level: int, downsample: float) -> bool:
+        """True if every tile of ``coords`` (level 0) maps onto whole file tiles."""
+        tw, th = self.tile_size(level)
+        if plan.read_size % tw or plan.read_size % th:
+            return False
+        c = np.asarray(coords, np.float64) / downsample
+        if not np.allclose(c, np.round(c)):
+            return False
+        c = np.round(c).astype(np.int64)
+        return bool(np.all(c[:, 0] % tw == 0) and np.all(c[:, 1] % th == 0))
+
+    # -------------------------------------------------------------- reading
+    def tile_bytes(self, level: int, tx: int, ty: int) -> bytes:
+        p = self.pages[level]
+        nx = -(-p.imagewidth // p.tilewidth)
+        ny = -(-p.imagelength // p.tilelength)
+        if not (0 <= tx < nx and 0 <= ty < ny):
+            raise SlideError(f"{self.path}: tile ({tx}, {ty}) outside the {nx}x{ny} grid")
+        i = ty * nx + tx
+        n = int(p.databytecounts[i])
+        if n == 0:
+            raise SlideError(f"{self.path}: tile ({tx}, {ty}) of level {level} is empty")
+        return os.pread(self._fd, n, int(p.dataoffsets[i]))
+
+    def decode_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
+        p = self.pages[level]
+        nx = -(-p.imagewidth // p.tilewidth)
+        data = self.tile_bytes(level, tx, ty)
+        arr, _, _ = p.decode(data, ty * nx + tx, jpegtables=p.jpegtables)
+        return arr.reshape(p.tilelength, p.tilewidth, -1)[..., :3]
+
+    def read_level_region(self, lx: int, ly: int, level: int, size: int) -> np.ndarray:
+        tw, th = self.tile_size(level)
+        if lx % tw or ly % th or size % tw or size % th:
+            raise SlideError(f"{self.path}: region ({lx}, {ly}, {size}) is not tile-aligned")
+        kx, ky = size // tw, size // th
+        if kx == 1 and ky == 1:
+            return self.decode_tile(level, lx // tw, ly // th)
+        out = np.empty((size, size, 3), np.uint8)
+        for j in range(ky):
+            for i in range(kx):
+                out[j * th:(j + 1) * th, i * tw:(i + 1) * tw] = self.decode_tile(
+                    level, lx // tw + i, ly // th + j)
+        return out
+
+    def read_plan(self, x: int, y: int, plan: ReadPlan, level: int, downsample: float
+                  ) -> np.ndarray:
+        """One tile (level-0 top-left x, y) as the slide reader's ``read_plan`` would give."""
+        lx, ly = int(round(x / downsample)), int(round(y / downsample))
+        img = self.read_level_region(lx, ly, level, plan.read_size)
+        return resize_rgb(img, plan.size_px) if plan.resize else img
+
+    def read_batch(self, coords, plan: ReadPlan, level: int, downsample: float,
+                   threads: int = 0) -> np.ndarray:
+        """(N, size, size, 3) uint8 for level-0 ``coords``; ``threads`` > 1 decodes in a
+        thread pool (the decoder releases the GIL)."""
+        coords = np.asarray(coords)
+        out = np.empty((len(coords), plan.size_px, plan.size_px, 3), np.uint8)
+
+        def one(i):
+            out[i] = self.read_plan(int(coords[i, 0]), int(coords[i, 1]), plan, level,
+                                    downsample)
+
+        if threads and threads > 1:
+            with ThreadPoolExecutor(threads) as ex:
+                list(ex.map(one, range(len(coords))))
+        else:
+            for i in range(len(coords)):
+                one(i)
+        return out
+
+    def close(self):
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._tf.close()
+
+    def __del__(self):  # best effort
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __getstate__(self):
+        raise TypeError("RawTileReader holds a file descriptor; open one per process")
+
+
+def decode_jpeg_torch(reader: RawTileReader, level: int, tiles, device: str = "cpu"):
+    """Decode file tiles ``[(tx, ty), ...]`` of ``level`` with torchvision (batched on CUDA
+    when ``device`` is "cuda").  Returns a list of uint8 CHW tensors on ``device``."""
+    import torch
+    from torchvision.io import decode_jpeg
+
+    p = reader.pages[level]
+    if int(p.photometric) != 6:
+        raise SlideError(f"{reader.path}: torchvision decoding needs YCbCr JPEG tiles "
+                         f"(photometric {int(p.photometric)}); use RawTileReader.decode_tile")
+    datas = [torch.frombuffer(bytearray(merge_jpeg_tables(p.jpegtables,
+                                                          reader.tile_bytes(level, tx, ty))),
+                              dtype=torch.uint8) for tx, ty in tiles]
+    return decode_jpeg(datas, device=device)
