@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
+from .select import _names, _numeric_frame
 
 # sva/neuroCombat stopping rule of the parametric EB iteration (relative change of gamma/delta)
 _CONV = 1e-4
@@ -32,11 +33,6 @@ _MAX_ITER = 1000
 # a feature whose pooled residual variance is below _REL_VAR_TOL x its total variance is
 # (numerically) constant once batch and covariates are accounted for: it cannot be standardised
 _REL_VAR_TOL = 1e-12
-
-
-def _names(cols, limit: int = 20) -> str:
-    cols = list(cols)
-    return f"{cols[:limit]}{' ...' if len(cols) > limit else ''}"
 
 
 def _sorted_levels(values) -> list:
@@ -105,22 +101,9 @@ class ComBat(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ input checks
     def _check_X(self, X) -> pd.DataFrame:
-        if not isinstance(X, pd.DataFrame):
-            raise TypeError("ComBat expects X as a pandas DataFrame (rows = samples)")
-        if X.index.has_duplicates:
+        if isinstance(X, pd.DataFrame) and X.index.has_duplicates:
             raise ValueError(f"ComBat: duplicated row index {_names(X.index[X.index.duplicated()])}")
-        try:
-            Xf = X.astype(float)
-        except (TypeError, ValueError) as exc:
-            bad = [c for c in X.columns if not pd.api.types.is_numeric_dtype(X[c])]
-            raise ValueError(f"ComBat: non-numeric feature column(s) {_names(bad)}") from exc
-        finite = np.isfinite(Xf.to_numpy()).all(axis=0)
-        if not finite.all():
-            nonfinite = list(Xf.columns[~finite])
-            raise ValueError(
-                f"ComBat: NaN/inf in feature column(s) {_names(nonfinite)}; impute (or drop) "
-                "missing values before harmonisation")
-        return Xf
+        return _numeric_frame(X, "ComBat")
 
     def _check_meta(self, X: pd.DataFrame, meta) -> pd.DataFrame:
         if meta is None:

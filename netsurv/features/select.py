@@ -70,8 +70,8 @@ def _numeric_frame(X, who: str) -> pd.DataFrame:
         raise ValueError(f"{who}: non-numeric column(s) {_names(bad)}") from exc
     finite = np.isfinite(Xf.to_numpy()).all(axis=0)
     if not finite.all():
-        raise ValueError(f"{who}: NaN/inf in column(s) {_names(Xf.columns[~finite])}; impute "
-                         "or drop them first (DropInvalid, imputation)")
+        raise ValueError(f"{who}: NaN/inf in feature column(s) {_names(Xf.columns[~finite])}; "
+                         "impute or drop them first (DropInvalid, imputation)")
     return Xf
 
 

@@ -83,7 +83,13 @@ class CoxNet(BaseEstimator):
                     risk = X[va] @ m.coef_[:, j]
                     scores[j] += harrell_cindex(time[va], event[va], risk) if np.ptp(risk) else 0.5
         self.cv_scores_ = scores / n_splits
-        return float(alphas[int(np.argmax(self.cv_scores_))])
+        # Fold paths can keep a feature at penalties where the full-data fit is already empty; a
+        # null model ranks nobody (test C = 0.5), so only penalties with a non-empty full-data fit
+        # are eligible.
+        eligible = np.abs(path.coef_).sum(axis=0) > 0
+        if not eligible.any():
+            return float(alphas[-1])
+        return float(alphas[int(np.argmax(np.where(eligible, self.cv_scores_, -np.inf)))])
 
     def fit(self, X: pd.DataFrame, time, event):
         X = pd.DataFrame(X).astype(float)

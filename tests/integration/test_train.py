@@ -142,3 +142,21 @@ def test_feature_table_modality(small_cohort, tmp_path):
     assert run(cfg)["cindex"]["mean"] > 0.65
     hr = pd.read_csv(tmp_path / "r" / "hazard_ratios.csv")
     assert {"feature", "exp(coef)", "exp(coef) lower 95%", "exp(coef) upper 95%", "split"} <= set(hr.columns)
+
+
+def test_multirun_writes_results_table(small_cohort, tmp_path):
+    """A two-job Hydra sweep through the real entry point ends with the results table."""
+    import subprocess
+    import sys
+
+    root, _ = small_cohort
+    sweep = tmp_path / "mr"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "-m", "data=cohort", f"data.root={root}", "target=os,pfs",
+         "evaluation.seeds=[0,1]", "data.clinical.categorical=[sex,histology]",
+         f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = (sweep / "results.md").read_text()
+    assert "| clinical |" in md and "OS C-index" in md and "PFS C-index" in md
+    assert len(pd.read_csv(sweep / "results.csv")) == 2

@@ -42,7 +42,9 @@ def test_coxnet_alpha_chosen_on_path_by_inner_cv(rossi, metric):
     path = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=100, alpha_min_ratio=0.01).fit(
         X.to_numpy(), Surv.from_arrays(e.astype(bool), t))
     assert m.alpha_ in path.alphas_ and len(m.cv_scores_) == len(path.alphas_)
-    assert m.alpha_ == path.alphas_[int(np.argmax(m.cv_scores_))]
+    eligible = np.abs(path.coef_).sum(axis=0) > 0
+    assert m.alpha_ == path.alphas_[int(np.argmax(np.where(eligible, m.cv_scores_, -np.inf)))]
+    assert np.abs(m.coef_).sum() > 0
 
 
 def test_results_table(tmp_path):

@@ -165,7 +165,7 @@ def test_selectors_fit_on_train_only_and_reject_nan(rossi):
     assert list(sel.transform(test).index) == list(test.index)
     bad = train[FEATS].copy()
     bad.iloc[3, 1] = np.nan
-    with pytest.raises(ValueError, match=r"NaN/inf in column\(s\) \['age'\]"):
+    with pytest.raises(ValueError, match=r"NaN/inf in feature column\(s\) \['age'\]"):
         UnivariateCoxSelector().fit(bad, (train.week, train.arrest))
     with pytest.raises(ValueError, match="tuple"):
         UnivariateCoxSelector().fit(train[FEATS], train.week)
