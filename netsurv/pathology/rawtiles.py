@@ -121,17 +121,22 @@ class RawTileReader:
         return resize_rgb(img, plan.size_px) if plan.resize else img
 
     def read_batch(self, coords, plan: ReadPlan, level: int, downsample: float,
-                   threads: int = 0) -> np.ndarray:
-        """(N, size, size, 3) uint8 for level-0 ``coords``; ``threads`` > 1 decodes in a
-        thread pool (the decoder releases the GIL)."""
+                   threads: int = 0, executor: ThreadPoolExecutor | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """(N, size, size, 3) uint8 for level-0 ``coords``; ``threads`` > 1 (or an
+        ``executor`` to reuse across batches) decodes in a thread pool (the decoder releases
+        the GIL).  ``out``: optional preallocated array to fill (reuse it across batches)."""
         coords = np.asarray(coords)
-        out = np.empty((len(coords), plan.size_px, plan.size_px, 3), np.uint8)
+        if out is None:
+            out = np.empty((len(coords), plan.size_px, plan.size_px, 3), np.uint8)
 
         def one(i):
             out[i] = self.read_plan(int(coords[i, 0]), int(coords[i, 1]), plan, level,
                                     downsample)
 
-        if threads and threads > 1:
+        if executor is not None:
+            list(executor.map(one, range(len(coords))))
+        elif threads and threads > 1:
             with ThreadPoolExecutor(threads) as ex:
                 list(ex.map(one, range(len(coords))))
         else:
@@ -140,11 +145,10 @@ class RawTileReader:
         return out
 
     def close(self):
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
-        self._tf.close()
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:  # close once: the number may be reused by another file later
+            os.close(fd)
+            self._tf.close()
 
     def __del__(self):  # best effort
         try:

@@ -258,9 +258,12 @@ class OpenSlideReader(SlideReader):
         import openslide
 
         try:
-            rgba = np.asarray(self._osr.read_region((x, y), level, (w, h)))
+            img = self._osr.read_region((x, y), level, (w, h))
         except openslide.OpenSlideError as e:
             raise SlideError(f"{self.path}: read failed at ({x}, {y}) level {level}: {e}") from e
+        if img.getchannel("A").getextrema()[0] == 255:  # fully opaque: PIL's C conversion
+            return np.asarray(img.convert("RGB"))
+        rgba = np.asarray(img)
         rgb = rgba[..., :3]
         alpha = rgba[..., 3]
         if alpha.min() < 255:  # outside the slide / no data: composite on white

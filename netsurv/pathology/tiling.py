@@ -13,7 +13,9 @@ Edge policy ("inside"): a tile is kept only if it lies fully inside the level-0 
 tile contains padding invented by the reader.
 
 A tile is kept when the fraction of its area covered by the tissue mask is at least
-``min_tissue_fraction`` (computed exactly on the thumbnail grid with a summed-area table).
+``min_tissue_fraction`` and the fraction covered by excluded pixels (pen ink, black padding,
+other very dark areas; see :mod:`.tissue`) is at most ``max_artefact_fraction`` (both
+computed exactly on the thumbnail grid with summed-area tables).
 
 Coords file (one per slide, HDF5)
 ---------------------------------
@@ -21,6 +23,7 @@ dataset ``coords``: int64 (N, 2), level-0 top-left (x, y), row-major order; attr
 ``patch_size``, ``patch_size_level0``, ``level0_width``, ``level0_height`` (the CLAM /
 TRIDENT names), plus ``target_mpp``, ``read_level``, ``read_mpp``, ``read_size``,
 ``mpp``, ``mpp_source``, ``mpp_override``, ``overlap``, ``min_tissue_fraction``,
+``max_artefact_fraction``,
 ``edge_policy``, ``tissue_params`` (json), ``tissue_threshold``, ``reader``, ``slide_path``,
 ``slide_id``, ``netsurv_version``, ``params`` (json) and ``params_hash``.  Dataset
 ``tissue_fraction`` (float32, N) holds each tile's mask fraction.
@@ -53,6 +56,7 @@ TILING_DEFAULTS = {
     "mpp_tolerance": 0.05,
     "overlap": 0,
     "min_tissue_fraction": 0.5,
+    "max_artefact_fraction": 0.2,
     "allow_upsample": False,
     "edge_policy": "inside",
     "mpp_override": None,
@@ -82,6 +86,7 @@ def normalise_params(params=None) -> dict:
     p["target_mpp"] = float(p["target_mpp"])
     p["mpp_tolerance"] = float(p["mpp_tolerance"])
     p["min_tissue_fraction"] = float(p["min_tissue_fraction"])
+    p["max_artefact_fraction"] = float(p["max_artefact_fraction"])
     p["allow_upsample"] = bool(p["allow_upsample"])
     if p["mpp_override"] is not None:
         p["mpp_override"] = float(p["mpp_override"])
@@ -94,6 +99,8 @@ def normalise_params(params=None) -> dict:
         raise ValueError("tiling.target_mpp must be > 0")
     if not 0.0 <= p["min_tissue_fraction"] <= 1.0:
         raise ValueError("tiling.min_tissue_fraction must be in [0, 1]")
+    if not 0.0 <= p["max_artefact_fraction"] <= 1.0:
+        raise ValueError("tiling.max_artefact_fraction must be in [0, 1]")
     if p["edge_policy"] != "inside":
         raise ValueError(f"tiling.edge_policy {p['edge_policy']!r}: only 'inside' is supported")
     return p
@@ -168,6 +175,9 @@ def tile_slide(slide: SlideReader, params=None, user_mask=None,
     keep = frac >= p["min_tissue_fraction"] - 1e-6
     if p["min_tissue_fraction"] == 0:
         keep &= frac > 0
+    if p["max_artefact_fraction"] < 1.0 and tm.excluded.any():
+        keep &= tile_fractions(tm.excluded, tm.scale, coords, size0) <= (
+            p["max_artefact_fraction"] + 1e-6)
     if not keep.any():
         raise NoTissueError(
             f"{slide.path}: no tile has a tissue fraction >= {p['min_tissue_fraction']} (mask "
@@ -211,6 +221,7 @@ def write_coords(path, result: TilingResult, slide: SlideReader, *, slide_id: st
                 "overlap": int(p["overlap"]),
                 "stride_level0": int(result.stride_level0),
                 "min_tissue_fraction": float(p["min_tissue_fraction"]),
+                "max_artefact_fraction": float(p["max_artefact_fraction"]),
                 "edge_policy": p["edge_policy"],
                 "tissue_params": json.dumps(p["tissue"], sort_keys=True),
                 "tissue_threshold": float(result.tissue.threshold),
@@ -246,9 +257,9 @@ class TileDataset(_TorchDataset):
 
     ``__getitem__`` returns an RGB uint8 numpy array (patch_size, patch_size, 3) (HWC), or
     ``transform(tile)`` if a transform is given (e.g. ``torch.from_numpy(t).permute(2, 0, 1)``
-    for CHW tensors).  ``backend``: "openslide" (any format, via the slide reader) or "raw"
+    for CHW tensors).  ``backend``: "openslide" (any format, via the slide reader), "raw"
     (decode the file's JPEG tiles directly, see :mod:`netsurv.pathology.rawtiles`; requires
-    grid-aligned tiles, check with ``RawTileReader.supports``).  Slide handles are opened
+    grid-aligned tiles, see :meth:`raw_supported`) or "auto" (raw when supported).  Slide handles are opened
     lazily per process, so the dataset works with DataLoader workers.
     """
 
@@ -257,9 +268,9 @@ class TileDataset(_TorchDataset):
         self.coords_path = Path(coords_path)
         self.coords, self.attrs = read_coords(self.coords_path)
         self.slide_path = Path(slide_path or self.attrs["slide_path"])
-        if backend not in ("openslide", "raw"):
-            raise ValueError(f"TileDataset backend {backend!r}: choose 'openslide' or 'raw'")
-        self.backend = backend
+        if backend not in ("openslide", "raw", "auto"):
+            raise ValueError(f"TileDataset backend {backend!r}: choose 'openslide', 'raw' or "
+                             "'auto'")
         self.transform = transform
         a = self.attrs
         self.plan = ReadPlan(int(a["read_level"]), int(a["read_size"]), int(a["patch_size"]),
@@ -270,6 +281,26 @@ class TileDataset(_TorchDataset):
             None if mo is None or (isinstance(mo, float) and np.isnan(mo)) else float(mo))
         self._reader = None
         self._pid = None
+        if backend == "auto":
+            backend = "raw" if self.raw_supported() else "openslide"
+        self.backend = backend
+
+    def raw_supported(self) -> bool:
+        """True if the raw-tile fast path can serve every tile of this coords file."""
+        from .rawtiles import RawTileReader
+
+        try:
+            rd = RawTileReader(self.slide_path)
+        except Exception:  # noqa: BLE001 - not a tiled JPEG TIFF
+            return False
+        try:
+            lv = rd.level_for(int(self.attrs["read_level_width"]),
+                              int(self.attrs["read_level_height"]))
+            return rd.supports(self.coords, self.plan, lv, float(self.attrs["read_downsample"]))
+        except Exception:  # noqa: BLE001
+            return False
+        finally:
+            rd.close()
 
     def __len__(self) -> int:
         return len(self.coords)

@@ -83,10 +83,14 @@ class TissueMask:
         return float(self.mask.mean())
 
 
-def thumbnail(slide: SlideReader, thumb_mpp: float):
+def thumbnail(slide: SlideReader, thumb_mpp: float, max_pixels: int = 64 << 20):
     """RGB thumbnail at ~``thumb_mpp`` µm/px from the coarsest level at least that fine,
-    area-averaged.  Returns (rgb, (sx, sy)) with sx, sy level-0 pixels per thumbnail pixel
-    (exact, so thumbnail pixel j spans level-0 x in [j*sx, (j+1)*sx))."""
+    area-averaged (PIL BOX).  Returns (rgb, (sx, sy)) with sx, sy level-0 pixels per
+    thumbnail pixel (exact: thumbnail pixel j spans level-0 x in [j*sx, (j+1)*sx)).
+
+    A level larger than ``max_pixels`` (e.g. a single-level 40960² TIFF) is read in
+    horizontal bands, each reduced on its own (fractional band edges via PIL's resize box),
+    so memory stays bounded."""
     from PIL import Image
 
     W, H = slide.dimensions
@@ -94,10 +98,23 @@ def thumbnail(slide: SlideReader, thumb_mpp: float):
     tw, th = max(1, int(round(W / f))), max(1, int(round(H / f)))
     levels = [i for i in range(slide.level_count) if slide.level_mpp(i) <= thumb_mpp * 1.001]
     lv = max(levels, key=slide.level_mpp) if levels else 0
-    img = slide.read_level(lv)
-    if img.shape[1] != tw or img.shape[0] != th:
-        img = np.asarray(Image.fromarray(img).resize((tw, th), Image.BOX))
-    return img, (W / tw, H / th)
+    lw, lh = (int(v) for v in slide.level_dimensions[lv])
+    if (lw, lh) == (tw, th):
+        return slide.read_level(lv), (W / tw, H / th)
+    if lw * lh <= max_pixels:
+        img = np.asarray(Image.fromarray(slide.read_level(lv)).resize((tw, th), Image.BOX))
+        return img, (W / tw, H / th)
+    ds = float(slide.level_downsamples[lv])
+    fy = lh / th  # level rows per thumbnail row
+    rows = max(1, int(max_pixels // max(lw, 1) / max(fy, 1.0)))  # thumbnail rows per band
+    out = np.empty((th, tw, 3), np.uint8)
+    for r0 in range(0, th, rows):
+        r1 = min(r0 + rows, th)
+        a, b = int(np.floor(r0 * fy)), min(int(np.ceil(r1 * fy)), lh)
+        band = slide.read_region((0, int(round(a * ds))), lv, (lw, b - a))
+        out[r0:r1] = np.asarray(Image.fromarray(band).resize(
+            (tw, r1 - r0), Image.BOX, box=(0.0, r0 * fy - a, float(lw), r1 * fy - a)))
+    return out, (W / tw, H / th)
 
 
 def _disc(r: float) -> np.ndarray:
@@ -106,22 +123,28 @@ def _disc(r: float) -> np.ndarray:
     return x * x + y * y <= r * r + 1e-9
 
 
+def _hsv(rgb: np.ndarray):
+    """Hue (degrees), saturation and value in [0, 1] (PIL's C conversion: 8-bit steps)."""
+    from PIL import Image
+
+    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., :3])).convert("HSV"))
+    h = hsv[..., 0].astype(np.float32) * (360.0 / 256.0)
+    return h, hsv[..., 1].astype(np.float32) / 255.0, hsv[..., 2].astype(np.float32) / 255.0
+
+
 def _otsu(values: np.ndarray) -> float:
     from skimage.filters import threshold_otsu
 
-    if values.size < 2 or np.ptp(values) == 0:
+    if values.size < 2 or values.min() == values.max():
         return float("inf")
-    return float(threshold_otsu(values))
+    return float(threshold_otsu(values, nbins=256))
 
 
 def tissue_mask_from_rgb(rgb: np.ndarray, px_um: float, params=None):
     """Apply the rules of the module doc to an RGB thumbnail of ``px_um`` µm/px.
     Returns (mask, excluded, threshold)."""
-    from skimage.color import rgb2hsv
-
     p = TissueParams.from_any(params)
-    hsv = rgb2hsv(rgb)
-    hue, sat, val = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
+    hue, sat, val = _hsv(rgb)
     dark = val < p.dark_value
     pen = np.zeros_like(dark)
     for lo, hi in p.pen_hue_ranges:

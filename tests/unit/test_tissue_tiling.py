@@ -1,0 +1,297 @@
+"""Tissue masks, tile grids, coords files, the tiling job and the raw-tile fast path,
+checked against the demo slides' ground truth (labels 0 glass, 1 tissue, 2 pen,
+3 padding, 4 blurred tissue; one label per 16x16 level-0 block)."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from netsurv.cohort.demo_wsi import write_demo_slide
+from netsurv.pathology.rawtiles import RawTileReader, decode_jpeg_torch
+from netsurv.pathology.slides import open_slide
+from netsurv.pathology.tiling import (NoTissueError, TileDataset, grid_coords, normalise_params,
+                                      params_hash, read_coords, tile_fractions, tile_slide)
+from netsurv.tasks.tile import tile_cohort
+
+DS = 16  # truth downsample
+TISSUE = (1, 4)
+
+
+def _slide(d, name, seed, *, mpp=0.5, size_um=1536.0, artefacts=("pen", "padding"),
+           vendor="aperio"):
+    p = d / f"{name}.tiff"
+    t = d / f"{name}.png"
+    write_demo_slide(p, rng=np.random.default_rng(seed), density_z=0.0, size_z=0.0,
+                     pleomorphism_z=0.0, mpp=mpp, width_um=size_um, height_um=size_um,
+                     artefacts=artefacts, vendor=vendor, truth_path=t, truth_downsample=DS)
+    return p, np.asarray(Image.open(t))
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wsi")
+    out = {f"s{k}": _slide(d, f"s{k}", seed) for k, seed in enumerate((0, 2, 4))}
+    out["fine"] = _slide(d, "fine", 5, mpp=0.25, size_um=1024.0, artefacts=())
+    out["coarse"] = _slide(d, "coarse", 5, mpp=0.5, size_um=1024.0, artefacts=())
+    out["nompp"] = _slide(d, "nompp", 6, size_um=1024.0, artefacts=(), vendor="nompp")
+    out["dir"] = d
+    return out
+
+
+def _truth_blocks(truth, coords, size0):
+    s = size0 // DS
+    return [truth[y // DS:y // DS + s, x // DS:x // DS + s] for x, y in coords]
+
+
+@pytest.mark.parametrize("name", ["s0", "s1", "s2"])
+def test_tiles_cover_tissue_and_avoid_background_pen_padding(slides, name):
+    path, truth = slides[name]
+    assert (truth == 2).any() and (truth == 3).any()  # the slide has pen and padding
+    res = tile_slide(open_slide(path), {"patch_size": 128})  # 64 µm tiles, 0.5 tissue frac
+    tis = np.isin(truth, TISSUE)
+    # mask vs truth, pixel level (pen and padding count as non-tissue)
+    m = res.tissue.mask
+    assert m.shape == truth.shape
+    assert (m & tis).sum() / tis.sum() >= 0.93
+    assert (m & ~tis).sum() / m.sum() <= 0.03
+    assert not (m & np.isin(truth, (2, 3))).any()
+    size0 = res.plan.size_level0
+    assert size0 == 128
+    # coverage: of the tissue in the tiles an oracle with the true labels keeps (>= 50 %
+    # tissue, <= 20 % pen/padding: the same criteria), >= 95 % lies in our tiles.  (Plain coverage of all tissue is bounded by the
+    # grid: tissue in boundary tiles below the threshold is lost by design.)
+    H, W = truth.shape[0] * DS, truth.shape[1] * DS
+    oracle = np.zeros_like(tis)
+    covered = np.zeros_like(tis)
+    s = size0 // DS
+    for (x, y), blk in zip(grid_coords(W, H, size0, size0),
+                           _truth_blocks(truth, grid_coords(W, H, size0, size0), size0)):
+        if np.isin(blk, TISSUE).mean() >= 0.5 and np.isin(blk, (2, 3)).mean() <= 0.2:
+            oracle[y // DS:y // DS + s, x // DS:x // DS + s] = True
+    for x, y in res.coords:
+        covered[y // DS:y // DS + s, x // DS:x // DS + s] = True
+    assert (covered & oracle & tis).sum() / (oracle & tis).sum() >= 0.95
+    # background tiles (< 25 % true tissue) are <= 2 % of all tiles
+    blocks = _truth_blocks(truth, res.coords, size0)
+    frac_tissue = np.array([np.isin(b, TISSUE).mean() for b in blocks])
+    assert (frac_tissue < 0.25).mean() <= 0.02
+    # pen ink and padding: no tile is centred on them and none is mostly made of them
+    centre = np.array([b[s // 2, s // 2] for b in blocks])
+    assert not np.isin(centre, (2, 3)).any()
+    assert max(np.isin(b, (2, 3)).mean() for b in blocks) <= 0.3  # max_artefact_fraction 0.2
+
+
+def test_same_physical_tile_size_at_025_and_05(slides):
+    fine, coarse = open_slide(slides["fine"][0]), open_slide(slides["coarse"][0])
+    assert fine.mpp == pytest.approx(0.25) and coarse.mpp == pytest.approx(0.5)
+    rf, rc = tile_slide(fine), tile_slide(coarse)
+    assert rf.plan.size_level0 == 512 and rc.plan.size_level0 == 256
+    assert rf.plan.size_px == rc.plan.size_px == 256
+    # same physical grid: coords at 0.25 are twice those at 0.5; same tissue decisions
+    a = {tuple(c) for c in (rf.coords // 2)}
+    b = {tuple(c) for c in rc.coords}
+    assert len(a ^ b) <= 0.1 * len(a | b)
+    x, y = rc.coords[len(rc.coords) // 2]
+    tf = fine.read_at_mpp(2 * x, 2 * y, 256, 0.5).astype(float)
+    tc = coarse.read_at_mpp(x, y, 256, 0.5).astype(float)
+    assert tf.shape == tc.shape == (256, 256, 3)
+    assert abs(tf.mean() - tc.mean()) < 6  # same rendered content, different scanner mpp
+
+
+def test_banded_thumbnail_matches_whole_level(slides):
+    from netsurv.pathology.tissue import thumbnail
+
+    s = open_slide(slides["s0"][0])
+    a, sa = thumbnail(s, 7.0)  # level 1 (2 µm/px) reduced by a non-integer factor
+    b, sb = thumbnail(s, 7.0, max_pixels=50_000)  # the same, band by band
+    assert sa == sb and a.shape == b.shape
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_params_validation_and_hash():
+    with pytest.raises(ValueError, match="overlap"):
+        normalise_params({"patch_size": 256, "overlap": 256})
+    with pytest.raises(ValueError, match="overlap"):
+        normalise_params({"overlap": 300})
+    with pytest.raises(ValueError, match="unknown"):
+        normalise_params({"patchsize": 256})
+    with pytest.raises(ValueError, match="unknown tissue"):
+        normalise_params({"tissue": {"thumbmpp": 4}})
+    h = params_hash({})
+    assert h == params_hash(normalise_params({})) == params_hash({"patch_size": 256})
+    assert params_hash({"overlap": 32}) != h
+    assert params_hash({"tissue": {"fill_holes": True}}) != h
+    assert params_hash({"mpp_override": 0.5}) != h
+
+
+def test_grid_edge_policy_overlap_and_fractions():
+    c = grid_coords(1000, 600, 256, 256)
+    assert c[:, 0].max() + 256 <= 1000 and c[:, 1].max() + 256 <= 600 and len(c) == 3 * 2
+    c = grid_coords(1000, 600, 256, 192)  # overlap 64
+    assert np.all(np.diff(np.unique(c[:, 0])) == 192) and c[:, 0].max() + 256 <= 1000
+    assert len(grid_coords(100, 600, 256, 256)) == 0
+    mask = np.zeros((10, 10), bool)
+    mask[:, :5] = True  # left half; 1 mask px = 8 level-0 px
+    f = tile_fractions(mask, (8.0, 8.0), np.array([[0, 0], [20, 0], [40, 0]]), 40)
+    np.testing.assert_allclose(f, [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_overlap_tiles_and_user_mask(slides, tmp_path):
+    path, truth = slides["s0"]
+    s = open_slide(path)
+    r0 = tile_slide(s, {"patch_size": 128})
+    r1 = tile_slide(s, {"patch_size": 128, "overlap": 64})
+    assert r1.stride_level0 == 64 and len(r1.coords) > 3 * len(r0.coords)
+    with pytest.raises(ValueError, match="overlap"):
+        tile_slide(s, {"patch_size": 128, "overlap": 128})
+    # GeoJSON user mask (level-0 px): only tiles inside the left half remain
+    W, H = s.dimensions
+    gj = tmp_path / "m.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+            [[0, 0], [W // 2, 0], [W // 2, H], [0, H], [0, 0]]]}}]}))
+    r2 = tile_slide(s, {"patch_size": 128}, user_mask=gj)
+    assert 0 < len(r2.coords) < len(r0.coords)
+    assert (r2.coords[:, 0] + 128 <= W // 2 + 64).all()
+    # PNG user mask at downsample 64: the top half
+    png = tmp_path / "m.png"
+    arr = np.zeros((H // 64, W // 64), np.uint8)
+    arr[: arr.shape[0] // 2] = 255
+    Image.fromarray(arr).save(png)
+    r3 = tile_slide(s, {"patch_size": 128}, user_mask=png, user_mask_downsample=64)
+    assert 0 < len(r3.coords) < len(r0.coords) and (r3.coords[:, 1] + 128 <= H // 2 + 64).all()
+    # an empty user mask leaves no tissue: a clear error
+    Image.fromarray(np.zeros_like(arr)).save(png)
+    with pytest.raises(NoTissueError, match="no tile"):
+        tile_slide(s, {"patch_size": 128}, user_mask=png, user_mask_downsample=64)
+
+
+def _cohort_df(slides, names, tmp_path, mpp=None):
+    rows = [{"patient_id": f"P{i}", "slide_id": n, "path": str(slides[n][0])}
+            for i, n in enumerate(names)]
+    bad = tmp_path / "corrupt.svs"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 200)
+    rows.append({"patient_id": "P9", "slide_id": "corrupt", "path": str(bad)})
+    blank = tmp_path / "blank.tif"  # glass only: no tissue
+    tifffile.imwrite(blank, np.full((512, 512, 3), 240, np.uint8), tile=(256, 256),
+                     photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    rows.append({"patient_id": "P8", "slide_id": "blank", "path": str(blank)})
+    df = pd.DataFrame(rows)
+    if mpp is not None:
+        df["mpp"] = [mpp.get(r["slide_id"], np.nan) for r in rows]
+    return df
+
+
+def test_job_failures_resume_and_new_params(slides, tmp_path):
+    df = _cohort_df(slides, ["s0", "s1", "nompp"], tmp_path)
+    params = {"patch_size": 128}
+    out = tmp_path / "tiles" / params_hash(params)
+    res = tile_cohort(df, params, out, progress=False)
+    assert res["n_done"] == 2 and res["n_failed"] == 3
+    fails = pd.read_csv(out / "failures.csv").set_index("slide_id")
+    assert set(fails.index) == {"corrupt", "nompp", "blank"}
+    assert fails.at["blank", "error_type"] == "NoTissueError"
+    assert "mpp" in fails.at["nompp", "error"] and fails.at["nompp", "error_type"] == "SlideError"
+    assert (out / "qc" / "s0.png").is_file() and (out / "index.csv").is_file()
+    coords, attrs = read_coords(out / "s0.h5")
+    assert coords.dtype == np.int64 and coords.shape[1] == 2
+    for k in ("patch_size", "patch_size_level0", "level0_width", "level0_height", "target_mpp",
+              "read_level", "read_mpp", "mpp_source", "overlap", "tissue_params", "reader",
+              "netsurv_version", "params_hash"):
+        assert k in attrs, k
+    assert attrs["patch_size"] == 128 and attrs["params_hash"] == params_hash(params)
+    assert attrs["mpp_source"] == "openslide" and json.loads(attrs["tissue_params"])
+    with h5py.File(out / "s0.h5") as f:  # CLAM reads attrs from the dataset
+        assert f["coords"].attrs["patch_size_level0"] == 128
+    mtime = (out / "s0.h5").stat().st_mtime_ns
+    # rerun: done slides skipped; the slides.csv mpp fixes the nompp slide
+    df2 = _cohort_df(slides, ["s0", "s1", "nompp"], tmp_path, mpp={"nompp": 0.5})
+    res2 = tile_cohort(df2, params, out, progress=False)
+    assert res2["n_skipped"] == 2 and res2["n_done"] == 1 and res2["n_failed"] == 2
+    assert (out / "s0.h5").stat().st_mtime_ns == mtime
+    _, a = read_coords(out / "nompp.h5")
+    assert a["mpp_source"] == "override" and a["mpp_override"] == 0.5
+    assert list(pd.read_csv(out / "failures.csv").slide_id) == ["corrupt", "blank"]
+    assert not list(out.glob(".*tmp"))  # no temp files left behind
+    # changed parameters -> a different folder, nothing reused
+    p2 = {"patch_size": 128, "min_tissue_fraction": 0.6}
+    out2 = tmp_path / "tiles" / params_hash(p2)
+    assert out2 != out
+    res3 = tile_cohort(df2.iloc[:1], p2, out2, progress=False, qc=False)
+    assert res3["n_done"] == 1 and res3["n_skipped"] == 0
+
+
+def test_tile_dataset_and_raw_fast_path(slides, tmp_path):
+    import torch
+
+    from netsurv.pathology.tiling import write_coords
+
+    for name, tile_px in (("s0", 256), ("fine", 256), ("s1", 64)):
+        path = slides[name][0]
+        s = open_slide(path)
+        res = tile_slide(s, {"patch_size": tile_px, "min_tissue_fraction": 0.25})
+        h5 = write_coords(tmp_path / f"{name}-{tile_px}.h5", res, s, slide_id=name)
+        ds = TileDataset(h5)
+        assert isinstance(ds, torch.utils.data.Dataset) and len(ds) == len(res.coords)
+        t = ds[0]
+        assert t.dtype == np.uint8 and t.shape == (tile_px, tile_px, 3)
+        x, y = res.coords[0]
+        np.testing.assert_array_equal(t, s.read_at_mpp(x, y, tile_px, 0.5))
+        raw = RawTileReader(path)
+        lv = raw.level_for(*s.level_dimensions[res.plan.level])
+        aligned = raw.supports(res.coords, res.plan, lv, s.level_downsamples[res.plan.level])
+        assert aligned == (tile_px == 256)  # file tiles are 256 px
+        if not aligned:
+            assert TileDataset(h5, backend="auto").backend == "openslide"
+            continue
+        rds = TileDataset(h5, backend="auto")
+        assert rds.backend == "raw"
+        idx = np.linspace(0, len(ds) - 1, min(6, len(ds))).astype(int)
+        for i in idx:
+            d = np.abs(rds[i].astype(int) - ds[i].astype(int))
+            assert d.max() <= 3, (name, i, d.max())
+        batch = raw.read_batch(res.coords[idx], res.plan, lv,
+                               s.level_downsamples[res.plan.level], threads=2)
+        assert np.abs(batch.astype(int) - np.stack([ds[i] for i in idx]).astype(int)).max() <= 3
+    # torchvision decode of the same file tiles (CPU here; device="cuda" on a GPU)
+    raw = RawTileReader(slides["s0"][0])
+    tv = decode_jpeg_torch(raw, 0, [(0, 0), (1, 0)])
+    assert np.abs(tv[1].permute(1, 2, 0).numpy().astype(int)
+                  - raw.decode_tile(0, 1, 0).astype(int)).max() <= 3
+    # DataLoader with a worker process: the dataset pickles without its open handles
+    dl = torch.utils.data.DataLoader(TileDataset(tmp_path / "s0-256.h5",
+                                                 transform=lambda a: torch.from_numpy(a)),
+                                     batch_size=4, num_workers=1)
+    b = next(iter(dl))
+    assert b.shape == (4, 256, 256, 3) and b.dtype == torch.uint8
+
+
+def test_hydra_config_composes_and_runs(slides, tmp_path, clinical_df):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from netsurv.tasks.tile import run
+
+    root = tmp_path / "cohort"
+    root.mkdir()
+    clinical_df.to_csv(root / "clinical.csv", index=False)
+    ids = clinical_df.patient_id.tolist()
+    pd.DataFrame([{"patient_id": ids[0], "slide_id": "a", "path": str(slides["coarse"][0])},
+                  {"patient_id": ids[1], "slide_id": "b", "path": str(slides["s2"][0])}]
+                 ).to_csv(root / "slides.csv", index=False)
+    cfg_dir = str(Path(__file__).resolve().parents[2] / "configs")
+    with initialize_config_dir(config_dir=cfg_dir, version_base="1.3"):
+        cfg = compose("tile", overrides=["data=cohort", f"data.root={root}",
+                                         "tiling.patch_size=128", "tile.progress=false"])
+    res = run(cfg)
+    assert res["n_done"] == 2 and res["n_failed"] == 0
+    out = Path(res["out"])
+    assert out.parent == root / "derived" / "tiles" and (out / "a.h5").is_file()
+    assert run(cfg)["n_skipped"] == 2
