@@ -10,13 +10,19 @@ significant scanner effect (Kruskal-Wallis p < 0.05) before and after ComBat.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# pyradiomics package ("radiomics"); drop that entry before anything imports pyradiomics.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import logging
 import shutil
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
