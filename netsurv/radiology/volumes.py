@@ -96,8 +96,10 @@ def load_case(image_path, mask_path, *, label: int = 1, resample_mask: bool = Fa
                              mask.GetPixelID())
         notes.append(f"mask resampled onto the image grid (differed in {diffs})")
     arr = sitk.GetArrayViewFromImage(mask)
-    labels = np.unique(arr)
-    present = [int(v) for v in labels if v != 0]
+    if arr.dtype in (np.uint8, np.uint16):
+        present = [int(v) for v in np.flatnonzero(np.bincount(arr.ravel())) if v != 0]
+    else:  # np.unique sorts the whole volume: several times slower than a bincount
+        present = [int(v) for v in np.unique(arr) if v != 0]
     use = label
     if label not in present:
         if label == 1 and present == [255]:
@@ -110,6 +112,9 @@ def load_case(image_path, mask_path, *, label: int = 1, resample_mask: bool = Fa
             raise VolumeError(f"{mask_path}: label {label} not present; the mask holds labels "
                               f"{present[:20]}. Set the 'label' column in ct.csv or "
                               "radiology.label.")
-    binary = sitk.Cast(sitk.BinaryThreshold(mask, use, use, 1, 0), sitk.sitkUInt8)
+    if present == [1] and mask.GetPixelID() == sitk.sitkUInt8:
+        binary = mask  # already a binary uint8 mask: the common case, nothing to compute
+    else:
+        binary = sitk.Cast(sitk.BinaryThreshold(mask, use, use, 1, 0), sitk.sitkUInt8)
     binary.CopyInformation(image)
     return Case(image=image, mask=binary, notes=notes)
