@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import RepeatedStratifiedKFold
 
 from netsurv.features.select import CorrelationFilter, DropInvalid, UnivariateCoxSelector
 from netsurv.features.tabular import TableScaler
@@ -136,7 +136,7 @@ class ClassicalPipeline:
 
 
 def inner_search(pipe: ClassicalPipeline, frames, time, event, grid: dict, cv: int = 3,
-                 seed: int = 0) -> tuple[dict, pd.DataFrame]:
+                 seed: int = 0, repeats: int = 1) -> tuple[dict, pd.DataFrame]:
     """Choose ``k`` and model parameters by stratified ``cv``-fold C-index on the given (training)
     rows. Preprocessing is fitted once per fold (it does not depend on the grid); the selection
     and the model are refitted per grid point. Returns the best parameters and the score table."""
@@ -150,7 +150,8 @@ def inner_search(pipe: ClassicalPipeline, frames, time, event, grid: dict, cv: i
     if n_splits < 2:
         raise ValueError(f"inner search needs {cv} events and censored patients; the training "
                          f"split has {int(event.sum())} events in {len(event)} patients")
-    folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+    # repeated folds average out the partition noise of small training splits
+    folds = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=seed)
     records = []
     for f, (tr, va) in enumerate(folds.split(np.zeros(len(event)), event)):
         sub = lambda idx: {n: v.iloc[idx] for n, v in frames.items()}  # noqa: E731

@@ -164,7 +164,8 @@ def _run(cfg: DictConfig, out: Path) -> dict:
         pipe = build_pipeline(cfg, modalities, meta)
         if grid:
             best, table = inner_search(pipe, sub(tr), time[tr], event[tr], grid,
-                                       cv=int(cfg.inner_cv), seed=int(cfg.seed))
+                                       cv=int(cfg.inner_cv), seed=int(cfg.seed),
+                                       repeats=int(cfg.get("inner_repeats", 1)))
             searches.append(table.assign(split=split.name))
             pipe.k = best.pop("k", pipe.k)
             pipe.model = pipe.model.set_params(**best)
