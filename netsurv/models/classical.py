@@ -22,6 +22,11 @@ from netsurv.features.tabular import TableScaler
 from netsurv.survival.metrics import harrell_cindex
 
 
+def take_rows(frames: dict[str, pd.DataFrame], idx) -> dict[str, pd.DataFrame]:
+    """The same patient rows (integer positions) of every modality table."""
+    return {name: frame.iloc[idx] for name, frame in frames.items()}
+
+
 class ImagingBlock:
     """One numeric modality: DropInvalid -> impute+scale -> [ComBat -> rescale] -> correlation filter."""
 
@@ -154,11 +159,10 @@ def inner_search(pipe: ClassicalPipeline, frames, time, event, grid: dict, cv: i
     folds = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=seed)
     records = []
     for f, (tr, va) in enumerate(folds.split(np.zeros(len(event)), event)):
-        sub = lambda idx: {n: v.iloc[idx] for n, v in frames.items()}  # noqa: E731
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fold-level warnings repeat the outer ones
-            prep, fitted = pipe._prepare(sub(tr), time[tr], event[tr])
-            Zc_va, Zi_va = pipe._transform(fitted, sub(va))
+            prep, fitted = pipe._prepare(take_rows(frames, tr), time[tr], event[tr])
+            Zc_va, Zi_va = pipe._transform(fitted, take_rows(frames, va))
             for k in ks:
                 sel = pipe._top(prep.scores, k)
                 Xtr = pipe._design(prep.clinical, prep.imaging, sel)

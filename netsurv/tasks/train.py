@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from netsurv.cohort.schema import Cohort, CohortError
 from netsurv.cohort.splits import make_splits
-from netsurv.models.classical import ClassicalPipeline, ImagingBlock, inner_search
+from netsurv.models.classical import ClassicalPipeline, ImagingBlock, inner_search, take_rows
 from netsurv.survival.metrics import (MetricError, bootstrap_ci, harrell_cindex, integrated_brier,
                                       mean_ci, td_auc, uno_cindex)
 from netsurv.tasks.cohort import resolve_cohort
@@ -160,16 +160,15 @@ def _run(cfg: DictConfig, out: Path) -> dict:
     boot = {}
     for split in splits:
         tr, te = split.train, split.test
-        sub = lambda idx: {k: v.iloc[idx] for k, v in frames.items()}  # noqa: E731
         pipe = build_pipeline(cfg, modalities, meta)
         if grid:
-            best, table = inner_search(pipe, sub(tr), time[tr], event[tr], grid,
+            best, table = inner_search(pipe, take_rows(frames, tr), time[tr], event[tr], grid,
                                        cv=int(cfg.inner_cv), seed=int(cfg.seed),
                                        repeats=int(cfg.get("inner_repeats", 1)))
             searches.append(table.assign(split=split.name))
             pipe.k = best.pop("k", pipe.k)
             pipe.model = pipe.model.set_params(**best)
-        pipe.fit(sub(tr), time[tr], event[tr])
+        pipe.fit(take_rows(frames, tr), time[tr], event[tr])
         risk = pipe.predict_risk(frames)
         tt, et, rt = time[te], event[te], risk[te]
         per["cindex"][split.name] = harrell_cindex(tt, et, rt)
@@ -179,7 +178,7 @@ def _run(cfg: DictConfig, out: Path) -> dict:
             _, _, per["td_auc"][split.name] = td_auc(time[tr], event[tr], tt, et, rt)
             per["ibs"][split.name] = integrated_brier(
                 time[tr], event[tr], tt, et,
-                lambda times: pipe.predict_survival({k: v.iloc[te] for k, v in frames.items()}, times))
+                lambda times: pipe.predict_survival(take_rows(frames, te), times))
         except (MetricError, AttributeError, ValueError) as exc:
             warnings.warn(f"split {split.name}: time-dependent metrics skipped ({exc})", UserWarning)
         if truth is not None:
