@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-GENERATOR_VERSION = "2"  # bump when the generative model changes: invalidates cached cohorts
+GENERATOR_VERSION = "3"  # bump when the generative model changes: invalidates cached cohorts
 
 HISTOLOGY = {
     # name: (prevalence, log-hazard, trait shift for wsi_density/pleomorphism, ct_size shift)
@@ -247,46 +247,6 @@ def plan_cohort(n_patients: int = 83, seed: int = 0, size: str = "small", *,
     return df, slide_jobs, ct_jobs
 
 
-def interim_pathomics(df: pd.DataFrame, slide_info: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Stand-in pathomics table (``features/pathomics.csv``) until the WSI morphology stage
-    exists: what nuclear morphometry would measure, from the slides' generated nuclei statistics
-    and the latent traits plus measurement noise, with correlated and uninformative columns as
-    in real morphology tables. Patients without slides are absent."""
-    rng = np.random.default_rng([seed, 4])
-    per = slide_info.groupby("patient_id").agg(
-        density=("nuclear_density_per_mm2", "mean"),
-        diameter=("mean_nuclear_diameter_um", "mean"))
-    t = df.set_index("patient_id").loc[per.index]
-    n = len(per)
-    noise = lambda s: rng.normal(0, s, n)  # noqa: E731
-    log_density = np.log(per["density"].to_numpy())
-    area = np.pi / 4 * per["diameter"].to_numpy() ** 2
-    pleo = t["wsi_pleomorphism"].to_numpy()
-    feats = {
-        "nuclei_density_log": log_density + noise(0.08),
-        "nuclei_area_mean": area * np.exp(noise(0.05)),
-        "nuclei_area_median": area * np.exp(noise(0.06)) * 0.97,
-        "nuclei_area_std": area * (0.2 + 0.06 * pleo).clip(0.05) * np.exp(noise(0.1)),
-        "nuclei_area_q90": area * (1.3 + 0.1 * pleo).clip(1.05) * np.exp(noise(0.06)),
-        "nuclei_eccentricity_mean": (0.55 + 0.05 * pleo + noise(0.03)).clip(0, 1),
-        "nuclei_solidity_mean": (0.95 - 0.012 * pleo + noise(0.006)).clip(0, 1),
-        "nuclei_perimeter_mean": np.sqrt(area) * (3.6 + 0.1 * pleo) * np.exp(noise(0.04)),
-        "hematoxylin_od_mean": 0.25 + 0.05 * log_density + 0.01 * pleo + noise(0.02),
-        "hematoxylin_od_std": 0.08 + 0.02 * pleo + noise(0.015),
-        "glcm_contrast_h": 2.0 + 0.6 * log_density + 0.3 * pleo + noise(0.4),
-        "glcm_homogeneity_h": 0.6 - 0.05 * log_density - 0.02 * pleo + noise(0.03),
-        "glcm_energy_h": 0.2 - 0.02 * log_density + noise(0.02),
-        "glcm_correlation_h": 0.8 + noise(0.05),
-        "eosin_od_mean": 0.3 + noise(0.04),
-        "stroma_fraction": (0.5 - 0.05 * log_density + noise(0.08)).clip(0, 1),
-    }
-    for j in range(8):  # uninformative texture statistics
-        feats[f"texture_noise_{j}"] = rng.normal(0, 1, n)
-    out = pd.DataFrame(feats, index=per.index).round(6)
-    out.index.name = "patient_id"
-    return out.reset_index()
-
-
 def make_demo_cohort(
     root,
     *,
@@ -326,7 +286,7 @@ def make_demo_cohort(
     n_jobs = n_jobs or min(2, os.cpu_count() or 1)
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("slides", "ct", "truth/slides", "features"):
+    for sub in ("slides", "ct", "truth/slides"):
         (tmp / sub).mkdir(parents=True)
     if verbose:
         print(f"netsurv demo: generating {len(df)} patients, {len(slide_jobs)} slides, "
@@ -362,8 +322,6 @@ def make_demo_cohort(
                         for info in ct_info])
     ctt.insert(0, "patient_id", [j["patient_id"] for j in ct_jobs])
     ctt.to_csv(tmp / "truth" / "ct.csv", index=False)
-    if len(st):
-        interim_pathomics(df, st, seed).to_csv(tmp / "features" / "pathomics.csv", index=False)
 
     elapsed = time.perf_counter() - t0
     (tmp / ".complete").write_text(json.dumps(

@@ -30,7 +30,7 @@ def test_demo_follows_the_contract(demo):
     assert {"sex", "smoking", "histology", "stage", "age"} <= set(c.clinical.columns)
     assert set(c.ct.columns) >= {"scanner", "kernel", "slice_thickness", "pixel_spacing"}
     assert c.truth is not None and len(c.truth) == 8
-    assert "pathomics" in c.features
+    assert not c.features  # pathomics come from the morphology stage, not a shipped table
 
 
 def test_every_slide_opens_with_mpp(demo):

@@ -1,0 +1,223 @@
+"""WSI morphology ("pathomics") stage: ``python scripts/extract_pathomics.py data=demo``.
+
+Slides without coords are tiled first (:func:`netsurv.tasks.tile.tile_cohort`, which skips
+slides already tiled with the same parameters); then every slide's tiles are measured by
+:func:`netsurv.pathology.morphology.slide_features` in ``morphology.n_jobs`` processes.
+
+Config keys read (the train config provides them):
+
+- ``data.derived``: outputs go to ``<data.derived>/tiles/<tiling hash>/`` (coords) and
+  ``<data.derived>/pathomics/<hash>/`` with ``<hash>`` over the morphology parameters, the
+  tiling hash and the code version;
+- ``tiling``: the whole group (:mod:`netsurv.pathology.tiling` parameters);
+- ``morphology``: the whole group (:data:`~netsurv.pathology.morphology.MORPHOLOGY_DEFAULTS`
+  plus ``n_jobs`` and ``name``, which are not hashed);
+- ``tile`` (optional; ``qc``, ``backend``, ``user_mask_dir``, ``user_mask_downsample``: as in
+  ``configs/tile.yaml``).
+
+Output folder: ``pathomics.csv`` (patient_id + features: tile-weighted mean of the patient's
+slides), ``slides.csv`` (per slide: features, tiles measured, nuclei, seconds),
+``failures.csv`` (patient_id, slide_id, path, stage, error), ``params.json`` and
+``slides/<slide_id>-<key>.json``, one per slide, keyed by the slide file, its coords file and
+the parameter hash; a rerun recomputes only slides whose key changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from netsurv.cohort.schema import Cohort, CohortError
+
+__all__ = ["output_dir", "extract", "extract_slides", "run", "FAILURE_COLUMNS"]
+
+FAILURE_COLUMNS = ["patient_id", "slide_id", "path", "stage", "error"]
+INFO_COLUMNS = ["n_tiles", "n_tiles_total", "n_nuclei", "tissue_mm2", "mpp", "seconds"]
+
+
+def _params(cfg: DictConfig) -> tuple[dict, dict, int]:
+    from netsurv.pathology.morphology import normalise_params
+    from netsurv.pathology.tiling import normalise_params as tiling_params
+
+    tiling = tiling_params(OmegaConf.to_container(cfg.tiling, resolve=True) if cfg.get("tiling")
+                           is not None else {})
+    raw = OmegaConf.to_container(cfg.morphology, resolve=True) if cfg.get("morphology") \
+        is not None else {}
+    n_jobs = int(raw.get("n_jobs") or 1)
+    return tiling, normalise_params(raw), n_jobs
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    from netsurv.pathology.morphology import params_hash
+    from netsurv.pathology.tiling import params_hash as tiling_hash
+
+    tiling, morph, _ = _params(cfg)
+    return Path(str(cfg.data.derived)) / "pathomics" / params_hash(morph, tiling_hash(tiling))
+
+
+def _stat(p) -> str:
+    st = Path(p).stat()
+    return f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _job(args):
+    sid, h5, path, params = args
+    from netsurv.pathology.morphology import slide_features
+
+    t0 = time.perf_counter()
+    try:
+        feats, info = slide_features(h5, path, params, slide_id=sid)
+        return sid, feats, info, None
+    except Exception as exc:  # noqa: BLE001 - recorded; the other slides go on
+        return sid, None, {"seconds": time.perf_counter() - t0}, f"{type(exc).__name__}: {exc}"
+
+
+def _worker_init():
+    # one thread per process: n_jobs processes already fill the cores
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[k] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def extract_slides(index: pd.DataFrame, params: dict, phash: str, out: Path, *, n_jobs: int = 1,
+                   progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Measure the slides of a tiling ``index`` (slide_id, patient_id, path, h5, status).
+
+    Returns ``(slides, failures)``: per-slide features + :data:`INFO_COLUMNS`, and the failed
+    slides.  Cached slides (same key) are read back, the others computed and cached."""
+    from tqdm.auto import tqdm
+
+    cache_dir = out / "slides"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done, todo, failures = {}, [], []
+    meta = {}
+    for r in index.itertuples(index=False):
+        sid = str(r.slide_id)
+        meta[sid] = (r.patient_id, str(r.path))
+        try:
+            key = hashlib.sha256(f"{sid}|{_stat(r.path)}|{_stat(r.h5)}|{phash}".encode()
+                                 ).hexdigest()[:16]
+        except OSError as exc:
+            failures.append({"patient_id": r.patient_id, "slide_id": sid, "path": str(r.path),
+                             "stage": "morphology", "error": f"cannot read input: {exc}"})
+            continue
+        cache = cache_dir / f"{sid}-{key}.json"
+        if cache.is_file():
+            done[sid] = json.loads(cache.read_text())
+        else:
+            todo.append(((sid, str(r.h5), str(r.path), params), cache))
+
+    if todo:
+        caches = {args[0]: cache for args, cache in todo}
+        bar = tqdm(total=len(todo), desc="pathomics", unit="slide", disable=not progress)
+
+        def record(res):
+            sid, feats, info, err = res
+            if err is None:
+                rec = {"features": feats, "info": info}
+                cache = caches[sid]
+                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(rec))
+                os.replace(tmp, cache)  # atomic: an interrupted run never leaves half a slide
+                done[sid] = rec
+            else:
+                pid, path = meta[sid]
+                failures.append({"patient_id": pid, "slide_id": sid, "path": path,
+                                 "stage": "morphology", "error": err})
+            bar.update(1)
+
+        if n_jobs <= 1 or len(todo) == 1:
+            for args, _ in todo:
+                record(_job(args))
+        else:
+            with ProcessPoolExecutor(min(n_jobs, len(todo)), initializer=_worker_init) as pool:
+                futures = [pool.submit(_job, args) for args, _ in todo]
+                for fut in as_completed(futures):
+                    record(fut.result())
+        bar.close()
+
+    rows = []
+    for r in index.itertuples(index=False):
+        sid = str(r.slide_id)
+        if sid in done:
+            rows.append({"patient_id": r.patient_id, "slide_id": sid, **done[sid]["info"],
+                         **done[sid]["features"]})
+    return pd.DataFrame(rows), pd.DataFrame(failures, columns=FAILURE_COLUMNS)
+
+
+def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
+            ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run (or resume) tiling + morphology for ``cohort``.
+
+    Returns ``(table, failures)``: ``table`` has ``patient_id`` and numeric feature columns
+    (one row per patient with at least one measured slide); ``failures`` lists slides that
+    failed in tiling or morphology (``patient_id, slide_id, path, stage, error``).  Both are
+    also written to :func:`output_dir` (``pathomics.csv``, ``failures.csv``)."""
+    from netsurv.pathology.morphology import combine_slides, params_hash
+    from netsurv.pathology.tiling import params_hash as tiling_hash
+    from netsurv.tasks.tile import output_dir as tiles_dir
+    from netsurv.tasks.tile import tile_cohort
+
+    if cohort.slides is None or len(cohort.slides) == 0:
+        raise CohortError(f"{cohort.root}: no slides.csv (or it is empty), so there are no "
+                          "slides to extract pathomics from")
+    tiling, morph, n_jobs = _params(cfg)
+    thash = tiling_hash(tiling)
+    phash = params_hash(morph, thash)
+    out = Path(str(cfg.data.derived)) / "pathomics" / phash
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(
+        {"params_hash": phash, "tiling_hash": thash, "morphology": morph, "tiling": tiling},
+        indent=2, sort_keys=True, default=str))
+
+    tcfg = OmegaConf.to_container(cfg.tile, resolve=True) if cfg.get("tile") is not None else {}
+    tres = tile_cohort(cohort.slides, tiling, tiles_dir(cfg.data.derived, tiling),
+                       qc=bool(tcfg.get("qc", True)), user_mask_dir=tcfg.get("user_mask_dir"),
+                       user_mask_downsample=tcfg.get("user_mask_downsample"),
+                       backend=str(tcfg.get("backend", "auto")), progress=progress)
+    tfail = tres["failures"].assign(
+        stage="tiling", error=lambda d: d["error_type"] + ": " + d["error"])[FAILURE_COLUMNS]
+    index = tres["index"]
+    index = index[index["status"].isin(["done", "skipped"])]
+
+    slides, mfail = extract_slides(index, morph, phash, out, n_jobs=n_jobs, progress=progress)
+    failures = pd.concat([f for f in (tfail, mfail) if len(f)] or [tfail], ignore_index=True)
+    info = {"patient_id", "slide_id", *INFO_COLUMNS}
+    feature_cols = [c for c in slides.columns if c not in info]
+    table = combine_slides(slides, feature_cols) if len(slides) else pd.DataFrame(
+        columns=["patient_id"])
+    slides.to_csv(out / "slides.csv", index=False)
+    table.to_csv(out / "pathomics.csv", index=False)
+    failures.to_csv(out / "failures.csv", index=False)
+    if len(failures):
+        print(f"pathomics: {len(failures)} slide(s) failed; reasons in {out / 'failures.csv'}")
+    return table, failures
+
+
+def run(cfg: DictConfig) -> dict:
+    from netsurv.tasks.cohort import resolve_cohort
+
+    t0 = time.perf_counter()
+    cohort = resolve_cohort(cfg.data)
+    table, failures = extract(cohort, cfg, progress=bool(cfg.get("progress", True)))
+    out = output_dir(cfg)
+    try:
+        n_tiles = int(pd.read_csv(out / "slides.csv")["n_tiles"].sum())
+    except (pd.errors.EmptyDataError, KeyError):  # no slide measured
+        n_tiles = 0
+    secs = time.perf_counter() - t0
+    print(f"pathomics: {len(table)} patient(s), {table.shape[1] - 1} features, {n_tiles} tiles "
+          f"measured, {len(failures)} failure(s), {secs:.1f} s -> {out / 'pathomics.csv'}")
+    return {"n_patients": len(table), "n_features": table.shape[1] - 1, "n_tiles": n_tiles,
+            "n_failed": len(failures), "seconds": secs, "table": str(out / "pathomics.csv")}
