@@ -4,11 +4,11 @@ from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> float:
-    from netsurv.tasks.train import run
+def main(cfg: DictConfig) -> float | None:
+    from netsurv.tasks.train import run, sweep_objective
 
     metrics = run(cfg)
-    return metrics["cindex"]["mean"]  # returned for sweepers (optuna maximises it)
+    return sweep_objective(cfg, metrics)  # for sweepers: optuna maximises it
 
 
 if __name__ == "__main__":

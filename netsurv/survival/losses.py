@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "canonical_loss",
     "cox_ph_loss",
     "cox_ph_loss_with_flag",
     "CoxPHLoss",
@@ -28,6 +29,17 @@ __all__ = [
     "risk_from_logits",
     "LogisticHazardLoss",
 ]
+
+
+LOSSES = {"cox": "cox", "deepsurv": "cox", "nll": "nll"}  # config name -> loss
+
+
+def canonical_loss(name: str) -> str:
+    """``loss=`` config value -> "cox" | "nll" (``deepsurv`` is the Cox partial likelihood)."""
+    try:
+        return LOSSES[str(name)]
+    except KeyError:
+        raise ValueError(f"loss={name!r}: choose one of {sorted(LOSSES)}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,12 @@ def harrell_cindex(time, event, risk) -> float:
     Tied risks count 1/2; pairs tied in time are not comparable unless only one has the event.
     """
     time, event, risk = _check(time, event, risk)
-    return float(concordance_index(time, -risk, event))
+    try:
+        return float(concordance_index(time, -risk, event))
+    except ZeroDivisionError:  # lifelines' message names no cause
+        raise MetricError(f"no comparable pair among {len(time)} patients (every event time is "
+                          "at or after every other follow-up): the C-index is undefined; use a "
+                          "larger test set") from None
 
 
 def mean_ci(values, level: float = 0.95) -> tuple[float, float, tuple[float, float]]:
@@ -144,7 +149,7 @@ def bootstrap_ci(metric, time, event, risk, *, n_boot: int = 1000, level: float 
                  seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of ``metric(time, event, risk)`` over patients of one test set.
 
-    Resamples without events are skipped (the C-index is undefined there).
+    Resamples where the metric is undefined (no event, no comparable pair) are skipped.
     """
     time, event, risk = _check(time, event, risk)
     rng = np.random.default_rng(seed)
@@ -154,6 +159,11 @@ def bootstrap_ci(metric, time, event, risk, *, n_boot: int = 1000, level: float 
         idx = rng.integers(0, n, n)
         if event[idx].sum() == 0:
             continue
-        vals.append(metric(time[idx], event[idx], risk[idx]))
+        try:
+            vals.append(metric(time[idx], event[idx], risk[idx]))
+        except MetricError:
+            continue
+    if not vals:
+        raise MetricError("bootstrap: the metric is undefined on every resample")
     a = (1 - level) / 2
     return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))

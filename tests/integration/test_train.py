@@ -11,12 +11,13 @@ from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
 from netsurv.tasks.train import run
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
-EXPERIMENTS = sorted(p.stem for p in (Path(CONFIGS) / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(str(p.relative_to(Path(CONFIGS) / "experiment").with_suffix(""))
+                     for p in (Path(CONFIGS) / "experiment").rglob("*.yaml"))
 
 
 def _cfg(overrides):
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=["report=false", *overrides])
 
 
 @pytest.fixture
@@ -39,12 +40,12 @@ def test_every_experiment_composes(experiment):
 def test_clinical_run_writes_outputs(small_cohort, tmp_path, evaluation):
     root, df = small_cohort
     out = tmp_path / "run"
-    cfg = _cfg(["experiment=clinical", "data=cohort", f"data.root={root}", "target=pfs",
+    cfg = _cfg(["experiment=seed/clinical", "data=cohort", f"data.root={root}", "target=pfs",
                 f"evaluation={evaluation}", "+output_dir=" + str(out),
                 "data.clinical.categorical=[sex,smoking,histology,stage]"])
     metrics = run(cfg)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["endpoint"] == "pfs" and saved["experiment"] == "clinical"
+    assert saved["endpoint"] == "pfs" and saved["experiment"] == "seed/clinical"
     assert saved["n_patients"] == 60 and saved["n_events"] == int(df.pfs_event.sum())
     assert saved["protocol"] == evaluation
     c = saved["cindex"]
@@ -66,7 +67,7 @@ def test_clinical_run_writes_outputs(small_cohort, tmp_path, evaluation):
 
 def test_clinical_model_learns_the_signal(small_cohort, tmp_path):
     root, df = small_cohort
-    cfg = _cfg(["experiment=clinical", "data=cohort", f"data.root={root}",
+    cfg = _cfg(["experiment=seed/clinical", "data=cohort", f"data.root={root}",
                 "+output_dir=" + str(tmp_path / "r"),
                 "data.clinical.categorical=[sex,smoking,histology,stage]"])
     assert run(cfg)["cindex"]["mean"] > 0.6
@@ -77,7 +78,7 @@ def test_leak_free_encoder_is_fitted_on_train_rows(small_cohort, tmp_path):
     import joblib
 
     root, df = small_cohort
-    base = ["experiment=clinical", "data=cohort", f"data.root={root}", "evaluation.seeds=[0]",
+    base = ["experiment=seed/clinical", "data=cohort", f"data.root={root}", "evaluation.seeds=[0]",
             "data.clinical.categorical=[sex,smoking,histology,stage]"]
     run(_cfg(base + ["+output_dir=" + str(tmp_path / "a")]))
     pred = pd.read_csv(tmp_path / "a" / "predictions.csv", dtype={"patient_id": str})

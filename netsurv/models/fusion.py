@@ -1,0 +1,163 @@
+"""Tabular branches, multimodal fusion and the survival network that ties them together.
+
+Missing modalities: every fusion receives, per modality, an embedding ``[B, d]`` and a
+``present`` mask ``[B]``. Early and bilinear fusion replace an absent modality's embedding by a
+learned placeholder; late fusion drops the absent modality's term from the sum; gated-attention
+fusion leaves it out of the softmax. ``SurvivalNet`` can also drop present modalities at random
+in training (modality dropout) so the model learns to predict from any subset.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from netsurv.models.mil import masked_softmax
+
+__all__ = ["TabularMLP", "EarlyFusion", "LateFusion", "BilinearFusion", "GatedAttentionFusion",
+           "SurvivalNet"]
+
+
+class TabularMLP(nn.Module):
+    """Clinical / radiomics vector -> embedding. ``hidden=[]`` gives one linear layer."""
+
+    def __init__(self, in_dim: int, dim: int = 32, hidden=(), dropout: float = 0.1):
+        super().__init__()
+        layers, d = [], in_dim
+        for h in list(hidden):
+            layers += [nn.Dropout(dropout), nn.Linear(d, h), nn.GELU()]
+            d = h
+        layers += [nn.Dropout(dropout), nn.Linear(d, dim), nn.GELU()]
+        self.net = nn.Sequential(*layers)
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class _Fusion(nn.Module):
+    def __init__(self, dims: dict[str, int], out_dim: int):
+        super().__init__()
+        self.names = list(dims)
+        self.dims = dict(dims)
+        self.out_dim = out_dim
+        self.placeholder = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(d)) for m, d in dims.items()})
+
+    def _filled(self, embs, present) -> list[Tensor]:
+        return [torch.where(present[m][:, None], embs[m], self.placeholder[m].expand_as(embs[m]))
+                for m in self.names]
+
+
+class EarlyFusion(_Fusion):
+    """Concatenate modality embeddings -> MLP -> head."""
+
+    def __init__(self, dims, out_dim: int = 1, hidden: int = 64, dropout: float = 0.25):
+        super().__init__(dims, out_dim)
+        self.mlp = nn.Sequential(nn.Linear(sum(dims.values()), hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+    def forward(self, embs, present) -> Tensor:
+        return self.mlp(torch.cat(self._filled(embs, present), 1))
+
+
+class LateFusion(_Fusion):
+    """One linear head per modality; the output is the sum over the PRESENT modalities
+    (a sum of per-modality log-hazards for Cox; of per-modality hazard logits for NLL)."""
+
+    def __init__(self, dims, out_dim: int = 1, dropout: float = 0.0):
+        super().__init__(dims, out_dim)
+        self.heads = nn.ModuleDict({m: nn.Sequential(nn.Dropout(dropout), nn.Linear(d, out_dim))
+                                    for m, d in dims.items()})
+
+    def forward(self, embs, present) -> Tensor:
+        out = 0.0
+        for m in self.names:
+            out = out + self.heads[m](embs[m]) * present[m][:, None].to(embs[m].dtype)
+        return out
+
+
+class BilinearFusion(_Fusion):
+    """Gated Kronecker fusion (Pathomic Fusion, Chen et al. 2020): each modality is gated by the
+    others, projected to ``rank`` dims with a 1 appended (so unimodal terms survive), and the outer
+    product of all modalities feeds an MLP -> head. Size grows as (rank+1)^M: keep rank small."""
+
+    def __init__(self, dims, out_dim: int = 1, rank: int = 8, hidden: int = 64,
+                 dropout: float = 0.25):
+        super().__init__(dims, out_dim)
+        total = sum(dims.values())
+        self.proj = nn.ModuleDict({m: nn.Linear(d, rank) for m, d in dims.items()})
+        self.gate = nn.ModuleDict({m: nn.Linear(total, rank) for m in dims})
+        size = (rank + 1) ** len(dims)
+        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(size, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+    def forward(self, embs, present) -> Tensor:
+        filled = self._filled(embs, present)
+        ctx = torch.cat(filled, 1)
+        kron = None
+        for m, e in zip(self.names, filled):
+            v = torch.sigmoid(self.gate[m](ctx)) * torch.tanh(self.proj[m](e))
+            v = torch.cat([v, v.new_ones(v.shape[0], 1)], 1)
+            kron = v if kron is None else torch.einsum("bi,bj->bij", kron, v).flatten(1)
+        return self.mlp(kron)
+
+
+class GatedAttentionFusion(_Fusion):
+    """Project every modality to a common size, weight them by gated attention over the present
+    modalities (per patient), sum, head. Absent modalities get zero weight."""
+
+    def __init__(self, dims, out_dim: int = 1, dim: int = 64, dropout: float = 0.25):
+        super().__init__(dims, out_dim)
+        self.proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in dims.items()})
+        self.v = nn.Linear(dim, dim)
+        self.u = nn.Linear(dim, dim)
+        self.w = nn.Linear(dim, 1)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, out_dim))
+
+    def forward(self, embs, present) -> Tensor:
+        h = torch.stack([torch.tanh(self.proj[m](embs[m])) for m in self.names], 1)  # [B, M, dim]
+        mask = torch.stack([present[m] for m in self.names], 1)
+        a = masked_softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1),
+                           mask)
+        return self.head(torch.einsum("bm,bmd->bd", a, h))
+
+
+class SurvivalNet(nn.Module):
+    """Branches (``wsi``: a MIL module; tabular modalities: :class:`TabularMLP`) -> fusion -> head
+    outputs ``[B, out_dim]`` (1 = Cox log-hazard; n_bins = discrete-time hazard logits).
+
+    ``batch`` keys: ``wsi`` [B, N, D] + ``wsi_mask`` [B, N]; ``<modality>`` [B, d] for tabular
+    ones; ``present`` {modality: bool [B]}.
+    """
+
+    def __init__(self, branches: dict[str, nn.Module], fusion: nn.Module,
+                 modality_dropout: float = 0.0):
+        super().__init__()
+        self.branches = nn.ModuleDict(branches)
+        self.fusion = fusion
+        self.modality_dropout = modality_dropout
+
+    def _drop(self, present: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Drop each present modality with probability p, keeping at least one per patient."""
+        names = list(present)
+        keep = torch.stack([present[m] for m in names], 1)
+        drop = torch.rand(keep.shape, device=keep.device) < self.modality_dropout
+        new = keep & ~drop
+        lost = ~new.any(1) & keep.any(1)
+        if lost.any():  # restore one random present modality for patients that lost all
+            r = torch.rand(keep.shape, device=keep.device).masked_fill(~keep, -1.0)
+            pick = torch.nn.functional.one_hot(r.argmax(1), len(names)).bool()
+            new = torch.where(lost[:, None], pick, new)
+        return {m: new[:, i] for i, m in enumerate(names)}
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        embs, attn = {}, None
+        present = dict(batch["present"])
+        for m, branch in self.branches.items():
+            if m == "wsi":
+                embs[m], attn = branch(batch["wsi"], batch["wsi_mask"])
+            else:
+                embs[m] = branch(batch[m])
+        if self.training and self.modality_dropout > 0 and len(embs) > 1:
+            present = self._drop(present)
+        return {"out": self.fusion(embs, present), "attention": attn}

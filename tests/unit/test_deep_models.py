@@ -1,0 +1,146 @@
+"""MIL heads, fusion with missing modalities, and the Lightning survival module's losses."""
+import numpy as np
+import pytest
+import torch
+
+from netsurv.models.fusion import (BilinearFusion, EarlyFusion, GatedAttentionFusion, LateFusion,
+                                   SurvivalNet, TabularMLP)
+from netsurv.models.mil import ABMIL, MaxPoolMIL, MeanPoolMIL, TransMIL, masked_softmax
+from netsurv.survival.losses import cox_ph_loss
+from netsurv.training.datamodule import PatientDataset, collate_patients
+from netsurv.training.module import SurvivalModule
+
+MILS = [ABMIL, TransMIL, MeanPoolMIL, MaxPoolMIL]
+FUSIONS = [EarlyFusion, LateFusion, BilinearFusion, GatedAttentionFusion]
+
+
+def test_masked_softmax_ignores_padding_and_empty_rows():
+    s = torch.tensor([[1.0, 2.0, 50.0], [0.0, 0.0, 0.0]])
+    m = torch.tensor([[True, True, False], [False, False, False]])
+    a = masked_softmax(s, m)
+    assert torch.allclose(a[0], torch.tensor([1 / (1 + np.e), np.e / (1 + np.e), 0.0]))
+    assert torch.equal(a[1], torch.zeros(3))
+
+
+@pytest.mark.parametrize("cls", MILS)
+def test_mil_padding_does_not_change_the_bag(cls):
+    torch.manual_seed(0)
+    net = cls(in_dim=12, dim=8).eval()
+    x = torch.randn(1, 5, 12)
+    z1, a1 = net(x, torch.ones(1, 5, dtype=torch.bool))
+    xp = torch.cat([x, 100 * torch.randn(1, 4, 12)], 1)      # padded with junk
+    mask = torch.tensor([[True] * 5 + [False] * 4])
+    z2, a2 = net(xp, mask)
+    assert torch.allclose(z1, z2, atol=1e-5)
+    assert torch.allclose(a1, a2[:, :5], atol=1e-5)
+    assert torch.all(a2[:, 5:] == 0)
+    assert a2.sum().item() == pytest.approx(1.0, abs=1e-5)
+    # an empty bag gives a zero embedding and zero attention, no NaN
+    z0, a0 = net(torch.zeros(1, 3, 12), torch.zeros(1, 3, dtype=torch.bool))
+    assert torch.equal(z0, torch.zeros_like(z0)) and torch.equal(a0, torch.zeros_like(a0))
+
+
+def test_abmil_attention_follows_the_informative_tile():
+    # one tile differs from the rest; after training to detect it, attention concentrates there
+    torch.manual_seed(0)
+    net = ABMIL(in_dim=4, dim=8, attn_dim=8, dropout=0.0)
+    head = torch.nn.Linear(8, 1)
+    opt = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=0.05)
+    x = torch.randn(64, 10, 4) * 0.1
+    y = torch.randint(0, 2, (64,)).float()
+    x[y == 1, 3, 0] = 3.0   # positive bags have a signal in tile 3
+    mask = torch.ones(64, 10, dtype=torch.bool)
+    for _ in range(200):
+        z, a = net(x, mask)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(z)[:, 0], y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    _, a = net(x, mask)
+    assert a[y == 1].argmax(1).eq(3).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fusion_ignores_what_an_absent_modality_holds(fusion):
+    torch.manual_seed(0)
+    f = fusion({"clinical": 4, "wsi": 6}, out_dim=3).eval()
+    embs = {"clinical": torch.randn(5, 4), "wsi": torch.randn(5, 6)}
+    present = {"clinical": torch.ones(5, dtype=torch.bool),
+               "wsi": torch.tensor([True, False, True, False, True])}
+    out1 = f(embs, present)
+    embs2 = {"clinical": embs["clinical"], "wsi": embs["wsi"] + 10 * torch.randn(5, 6)}
+    out2 = f(embs2, present)
+    absent = ~present["wsi"]
+    assert out1.shape == (5, 3)
+    assert torch.allclose(out1[absent], out2[absent], atol=1e-5)
+    assert not torch.allclose(out1[~absent], out2[~absent])
+
+
+def test_late_fusion_is_the_sum_of_present_modality_heads():
+    f = LateFusion({"a": 2, "b": 3}, out_dim=1).eval()
+    ea, eb = torch.randn(4, 2), torch.randn(4, 3)
+    pb = torch.tensor([True, False, True, False])
+    out = f({"a": ea, "b": eb}, {"a": torch.ones(4, dtype=torch.bool), "b": pb})
+    expect = f.heads["a"](ea) + f.heads["b"](eb) * pb[:, None]
+    assert torch.allclose(out, expect)
+
+
+def test_modality_dropout_keeps_one_present_modality():
+    torch.manual_seed(0)
+    net = SurvivalNet({"clinical": TabularMLP(3, 4), "radiomics": TabularMLP(2, 4)},
+                      EarlyFusion({"clinical": 4, "radiomics": 4}), modality_dropout=0.9)
+    present = {"clinical": torch.ones(500, dtype=torch.bool),
+               "radiomics": torch.rand(500) < 0.5}
+    new = net._drop(present)
+    kept = new["clinical"] | new["radiomics"]
+    assert kept.all()
+    assert not (new["radiomics"] & ~present["radiomics"]).any()   # never resurrects a modality
+    both = present["radiomics"]
+    assert new["clinical"][both].float().mean() < 0.6             # but does drop
+    assert new["clinical"][~both].all()                           # the only modality stays
+
+
+def _batch(n, events, d=6, n_tiles=4):
+    items = []
+    for i in range(n):
+        items.append({"pos": i, "time": float(10 - i), "event": float(events[i]),
+                      "present": {"clinical": True, "wsi": True},
+                      "clinical": torch.randn(3), "wsi": torch.randn(n_tiles + i, d)})
+    return collate_patients(items)
+
+
+@pytest.mark.parametrize("n,events", [(1, [1]), (1, [0]), (4, [0, 0, 0, 0]), (3, [1, 1, 1])])
+def test_cox_training_step_is_finite_on_degenerate_batches(n, events):
+    torch.manual_seed(0)
+    net = SurvivalNet({"clinical": TabularMLP(3, 4), "wsi": ABMIL(6, 8, 4)},
+                      EarlyFusion({"clinical": 4, "wsi": 8}))
+    mod = SurvivalModule(net, loss="cox")
+    batch = _batch(n, events)
+    loss = mod._loss(net(batch)["out"], batch)[0]
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+    if sum(events) == 0 or n == 1:
+        assert loss.item() == 0.0   # no comparable pair: exact zero, not NaN
+
+
+def test_module_cox_loss_equals_partial_likelihood_of_its_risks():
+    torch.manual_seed(1)
+    net = SurvivalNet({"clinical": TabularMLP(3, 4)}, LateFusion({"clinical": 4}))
+    mod = SurvivalModule(net, loss="deepsurv", ties="breslow")
+    batch = _batch(6, [1, 0, 1, 1, 0, 1])
+    out = net(batch)["out"]
+    expect = cox_ph_loss(out[:, 0], batch["time"], batch["event"], ties="breslow")
+    assert mod._loss(out, batch)[0].item() == pytest.approx(expect.item())
+
+
+def test_training_bags_are_subsampled_evaluation_bags_are_full():
+    from netsurv.training.datamodule import Bag
+
+    bags = {"p0": Bag(np.random.rand(50, 3).astype(np.float32), np.zeros((50, 2), np.int64),
+                      np.zeros(50, np.int64), ["s"], [256], 0.5)}
+    kw = dict(tab={}, present={}, time=[1.0], event=[1], feat_dim=3)
+    tr = PatientDataset([0], ["p0"], bags, train=True, max_instances=8, **kw)
+    ev = PatientDataset([0], ["p0"], bags, train=False, max_instances=8, **kw)
+    assert tr[0]["wsi"].shape == (8, 3) and ev[0]["wsi"].shape == (50, 3)
+    first, second = tr[0]["wsi"], tr[0]["wsi"]
+    assert not torch.equal(first, second)   # a new subsample every time
