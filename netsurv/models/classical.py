@@ -4,7 +4,9 @@ Per training split: clinical encoding; for each imaging/feature-table modality: 
 columns -> train-median imputation -> optional ComBat (batches from ct.csv) -> standardisation ->
 correlation filter; then the top-k imaging features by univariate Cox score (clinical variables are
 always kept) -> Cox model. ``k`` and the model's ``l1_ratio`` are chosen by an inner stratified
-k-fold grid on the training split only; every step is refitted inside each inner fold.
+k-fold grid on the training split only; every step is refitted inside each inner fold. The grid is
+scored by the pooled out-of-fold C-index, and a CoxNet's penalty is chosen on the same inner folds
+along its path (as cv.glmnet does), jointly with ``k`` and ``l1_ratio``.
 """
 from __future__ import annotations
 
@@ -140,11 +142,36 @@ class ClassicalPipeline:
         return self.model_.predict_survival(self.design(frames), times)
 
 
+def _on_path(model) -> bool:
+    """Models whose penalty is chosen on a path (CoxNet with ``alpha=None``): the inner search
+    picks that penalty on its own folds, jointly with ``k`` and the grid, as cv.glmnet does."""
+    return (hasattr(model, "alpha_path") and hasattr(model, "path_coefs")
+            and model.get_params().get("alpha", 0) is None)
+
+
+def pooled_cindex(time, event, risk) -> float:
+    """Harrell's C of out-of-fold risks concatenated over the folds of one partition (every row
+    predicted once, by the model that did not see it). Steadier than the mean of per-fold Cs when
+    a validation fold holds few events; a constant risk ranks nobody (0.5)."""
+    risk = np.asarray(risk, float)
+    return harrell_cindex(time, event, risk) if np.ptp(risk) else 0.5
+
+
 def inner_search(pipe: ClassicalPipeline, frames, time, event, grid: dict, cv: int = 3,
-                 seed: int = 0, repeats: int = 1) -> tuple[dict, pd.DataFrame]:
+                 seed: int = 0, repeats: int = 1, score: str = "pooled") -> tuple[dict, pd.DataFrame]:
     """Choose ``k`` and model parameters by stratified ``cv``-fold C-index on the given (training)
     rows. Preprocessing is fitted once per fold (it does not depend on the grid); the selection
-    and the model are refitted per grid point. Returns the best parameters and the score table."""
+    and the model are refitted per grid point.
+
+    ``score="pooled"``: one Harrell C over the out-of-fold risks of each partition (mean over
+    ``repeats`` partitions); ``"mean"``: mean of the per-fold Cs. A CoxNet with ``alpha=None`` gets
+    its penalty chosen here too, on the same folds: the path of the whole (training) rows is fitted
+    per grid point (penalties with an empty full fit are not eligible), every fold is fitted along
+    that path, and the best (k, grid point, alpha) wins -- instead of a second CV nested inside
+    every fold. Returns the best parameters (with ``alpha`` in that case) and the score table (one
+    row per ``k`` x grid point, at its best alpha)."""
+    if score not in ("pooled", "mean"):
+        raise ValueError(f"inner_search: score must be 'pooled' or 'mean', got {score!r}")
     time = np.asarray(time, float)
     event = np.asarray(event, int)
     ks = list(grid.get("k", [pipe.k])) if pipe.imaging else [None]
@@ -155,31 +182,74 @@ def inner_search(pipe: ClassicalPipeline, frames, time, event, grid: dict, cv: i
     if n_splits < 2:
         raise ValueError(f"inner search needs {cv} events and censored patients; the training "
                          f"split has {int(event.sum())} events in {len(event)} patients")
-    # repeated folds average out the partition noise of small training splits
+    combos = [(k, params) for k in ks for params in model_grid]
+    models = [clone(pipe.model).set_params(**params) for _, params in combos]
+    on_path = all(_on_path(m) for m in models)
+    alphas, eligible = [None] * len(combos), [np.ones(1, bool)] * len(combos)
+    if on_path:
+        # the penalty path of each grid point on all the given rows (cv.glmnet's lambda sequence)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prep, _ = pipe._prepare(frames, time, event)
+        for c, (k, _) in enumerate(combos):
+            X = pipe._design(prep.clinical, prep.imaging, pipe._top(prep.scores, k))
+            try:
+                alphas[c], eligible[c] = models[c].alpha_path(X.to_numpy(float), time, event)
+            except ArithmeticError:
+                alphas[c], eligible[c] = np.array([np.nan]), np.zeros(1, bool)
+    width = [1 if a is None else len(a) for a in alphas]
+    # out-of-fold risks: per repeat, per grid point, (rows, penalties)
+    oof = np.full((repeats, len(combos)), None, dtype=object)
+    for r in range(repeats):
+        for c in range(len(combos)):
+            oof[r, c] = np.full((len(event), width[c]), np.nan)
+    fold_c = [[] for _ in combos]  # per fold: C per penalty
     folds = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=seed)
-    records = []
     for f, (tr, va) in enumerate(folds.split(np.zeros(len(event)), event)):
+        r = f // n_splits
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fold-level warnings repeat the outer ones
             prep, fitted = pipe._prepare(take_rows(frames, tr), time[tr], event[tr])
             Zc_va, Zi_va = pipe._transform(fitted, take_rows(frames, va))
-            for k in ks:
+            for c, (k, _) in enumerate(combos):
                 sel = pipe._top(prep.scores, k)
                 Xtr = pipe._design(prep.clinical, prep.imaging, sel)
                 Xva = pipe._design(Zc_va, Zi_va, sel)
-                for params in model_grid:
-                    try:
-                        m = clone(pipe.model).set_params(**params).fit(Xtr, time[tr], event[tr])
-                        risk = m.predict_risk(Xva)
-                        c = harrell_cindex(time[va], event[va], risk) if np.ptp(risk) else 0.5
-                    except (ArithmeticError, ValueError, np.linalg.LinAlgError):
-                        c = np.nan
-                    records.append({"fold": f, "k": k, **params, "cindex": c})
-    table = pd.DataFrame(records)
-    keys = ["k", *model_keys]
-    mean = table.groupby(keys, dropna=False, sort=False)["cindex"].mean()
-    if mean.isna().all():
+                try:
+                    if on_path:
+                        coefs = models[c].path_coefs(Xtr.to_numpy(float), time[tr], event[tr],
+                                                     alphas[c])
+                        risk = Xva.to_numpy(float) @ coefs
+                    else:
+                        m = clone(models[c]).fit(Xtr, time[tr], event[tr])
+                        risk = np.asarray(m.predict_risk(Xva), float)[:, None]
+                    if not np.isfinite(risk).all():
+                        raise ArithmeticError("non-finite risk")
+                    oof[r, c][va] = risk
+                    fold_c[c].append([harrell_cindex(time[va], event[va], risk[:, j])
+                                      if np.ptp(risk[:, j]) else 0.5 for j in range(width[c])])
+                except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+                    fold_c[c].append([np.nan] * width[c])
+    records, best, best_score = [], None, -np.inf
+    for c, (k, params) in enumerate(combos):
+        if score == "pooled":
+            per = np.array([[pooled_cindex(time, event, oof[r, c][:, j])
+                             if np.isfinite(oof[r, c][:, j]).all() else np.nan
+                             for j in range(width[c])] for r in range(repeats)])
+        else:
+            per = np.array(fold_c[c])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: failed fits
+            s = np.nanmean(per, axis=0)
+        s = np.where(eligible[c] & ~np.isnan(s), s, -np.inf)
+        j = int(np.argmax(s))
+        rec = {"k": k, **params}
+        if on_path:
+            rec["alpha"] = float(alphas[c][j])
+        rec["cindex"] = float(s[j]) if np.isfinite(s[j]) else np.nan
+        records.append(rec)
+        if s[j] > best_score:
+            best_score, best = s[j], {key: v for key, v in rec.items() if key != "cindex"}
+    if best is None:
         raise ArithmeticError("every grid point failed in the inner search")
-    best = mean.idxmax()
-    best = dict(zip(keys, best if isinstance(best, tuple) else (best,)))
-    return best, mean.reset_index()
+    return best, pd.DataFrame(records)

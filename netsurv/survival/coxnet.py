@@ -60,9 +60,31 @@ class CoxNet(BaseEstimator):
         self.cv_metric = cv_metric
         self.seed = seed
 
+    # -- penalty path (shared with the inner grid search, which picks alpha on its own folds) ---
+    def alpha_path(self, X, time, event) -> tuple[np.ndarray, np.ndarray]:
+        """The penalty path of these (training) rows, strongest first, and which of its penalties
+        give a non-empty fit. Fold paths can keep a feature at penalties where the full-data fit
+        is already empty; a null model ranks nobody (test C = 0.5), so only the non-empty ones
+        are eligible."""
+        X = np.asarray(X, float)
+        path = _fit_path(X, np.asarray(time, float), np.asarray(event).astype(int), self.l1_ratio,
+                         self.n_alphas, self.alpha_min_ratio)
+        return path.alphas_, np.abs(path.coef_).sum(axis=0) > 0
+
+    def path_coefs(self, X, time, event, alphas) -> np.ndarray:
+        """Coefficients (n_features, n_alphas) fitted on these rows at each penalty of ``alphas``.
+
+        glmnet ends a path early once the deviance stops changing; the penalties it did not reach
+        get the last fit (the weakest penalty reached), so every penalty has a column."""
+        m = _fit_path(np.asarray(X, float), np.asarray(time, float), np.asarray(event).astype(int),
+                      self.l1_ratio, 100, 0.01, alphas=alphas)
+        coef = m.coef_
+        if coef.shape[1] < len(alphas):
+            coef = np.hstack([coef, np.repeat(coef[:, -1:], len(alphas) - coef.shape[1], axis=1)])
+        return coef
+
     def _choose_alpha(self, X, time, event) -> float:
-        path = _fit_path(X, time, event, self.l1_ratio, self.n_alphas, self.alpha_min_ratio)
-        alphas = path.alphas_
+        alphas, eligible = self.alpha_path(X, time, event)
         n_splits = int(min(self.cv, event.sum(), len(event) - event.sum()))
         if n_splits < 2:
             return float(alphas[len(alphas) // 2])
@@ -71,22 +93,18 @@ class CoxNet(BaseEstimator):
         for tr, va in folds.split(X, event):
             if event[va].sum() == 0 or event[tr].sum() == 0:
                 continue
-            m = _fit_path(X[tr], time[tr], event[tr], self.l1_ratio, 100, 0.01, alphas=alphas)
-            for j, a in enumerate(m.alphas_):
+            coefs = self.path_coefs(X[tr], time[tr], event[tr], alphas)
+            for j in range(coefs.shape[1]):
+                b = coefs[:, j]
                 if self.cv_metric == "deviance":
                     # Verweij & van Houwelingen cross-validated partial likelihood (glmnet's
                     # default for Cox): stable with few events per fold, unlike the C-index
-                    b = m.coef_[:, j]
                     scores[j] += (breslow_loglik(X @ b, time, event)
                                   - breslow_loglik(X[tr] @ b, time[tr], event[tr]))
                 else:
-                    risk = X[va] @ m.coef_[:, j]
+                    risk = X[va] @ b
                     scores[j] += harrell_cindex(time[va], event[va], risk) if np.ptp(risk) else 0.5
         self.cv_scores_ = scores / n_splits
-        # Fold paths can keep a feature at penalties where the full-data fit is already empty; a
-        # null model ranks nobody (test C = 0.5), so only penalties with a non-empty full-data fit
-        # are eligible.
-        eligible = np.abs(path.coef_).sum(axis=0) > 0
         if not eligible.any():
             return float(alphas[-1])
         return float(alphas[int(np.argmax(np.where(eligible, self.cv_scores_, -np.inf)))])

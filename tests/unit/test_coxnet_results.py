@@ -47,6 +47,28 @@ def test_coxnet_alpha_chosen_on_path_by_inner_cv(rossi, metric):
     assert np.abs(m.coef_).sum() > 0
 
 
+def test_coxnet_path_for_the_inner_search(rossi):
+    """alpha_path = sksurv's path of all rows (eligible = non-empty fit); path_coefs = sksurv's fit
+    along given penalties, one column per penalty even where glmnet ends the path early."""
+    X, t, e = rossi
+    y = Surv.from_arrays(e.astype(bool), t)
+    m = CoxNet(l1_ratio=0.5)
+    alphas, eligible = m.alpha_path(X.to_numpy(), t, e)
+    ref = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=100, alpha_min_ratio=0.01).fit(X.to_numpy(), y)
+    np.testing.assert_allclose(alphas, ref.alphas_)
+    np.testing.assert_array_equal(eligible, np.abs(ref.coef_).sum(axis=0) > 0)
+    assert not eligible[0] and eligible[-1]
+    rows = np.arange(0, len(t), 2)
+    weak = np.concatenate([alphas, alphas[-1] * np.logspace(-1, -6, 20)])  # far past the path's end
+    coefs = m.path_coefs(X.to_numpy()[rows], t[rows], e[rows], weak)
+    fold = CoxnetSurvivalAnalysis(l1_ratio=0.5, alphas=weak, max_iter=100_000).fit(
+        X.to_numpy()[rows], y[rows])
+    n = fold.coef_.shape[1]
+    assert coefs.shape == (X.shape[1], len(weak))
+    np.testing.assert_allclose(coefs[:, :n], fold.coef_, atol=1e-10)
+    np.testing.assert_allclose(coefs[:, n:], np.repeat(fold.coef_[:, -1:], len(weak) - n, axis=1))
+
+
 def test_results_table(tmp_path):
     for i, (exp, harm, ep, c) in enumerate([("seed/radiomics", "none", "os", 0.61),
                                              ("seed/radiomics", "none", "pfs", 0.63),
