@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/train.py experiment=clinical
+	$(PY) scripts/train.py experiment=clinical_pathomics
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -77,7 +77,7 @@ def sksurv_reference(X: pd.DataFrame, t, e, train, test) -> float:
 
 
 def ours(root: Path, experiment: str, numeric, categorical, seeds, modalities=None) -> pd.DataFrame:
-    over = [f"experiment={experiment}", "data=cohort", f"data.root={root}",
+    over = [f"experiment={experiment}", "report=false", "data=cohort", f"data.root={root}",
             f"data.clinical.numeric=[{','.join(numeric)}]",
             f"data.clinical.categorical=[{','.join(categorical)}]",
             f"evaluation.seeds=[{','.join(map(str, range(seeds)))}]",

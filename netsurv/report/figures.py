@@ -60,7 +60,7 @@ def load_run(run_dir, cohort_root=None) -> RunData:
         rd.problems.append("no config.yaml")
     rd.target = str(rd.cfg.get("target", "os"))
     if (run_dir / "metrics.json").is_file():
-        rd.metrics = json.loads((run_dir / "metrics.json").read_text())
+        rd.metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         rd.target = str(rd.metrics.get("endpoint", rd.target))
     if (run_dir / "predictions.csv").is_file():
         rd.pred = pd.read_csv(run_dir / "predictions.csv", dtype={"patient_id": str, "split": str})

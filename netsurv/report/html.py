@@ -288,11 +288,11 @@ def write_report(run_dir, *, cohort_root=None, n_groups: int = 2, horizon: float
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         sections.append(("config", "Configuration",
-                         f"<pre>{_e(cfg_path.read_text())}</pre>"))
+                         f"<pre>{_e(cfg_path.read_text(encoding='utf-8'))}</pre>"))
 
     wpath = run_dir / "warnings.log"
     if wpath.is_file():
-        lines = [ln for ln in wpath.read_text().splitlines() if ln.strip()]
+        lines = [ln for ln in wpath.read_text(encoding="utf-8").splitlines() if ln.strip()]
         body = ("<ul class='warn'>" + "".join(f"<li>{_e(ln)}</li>" for ln in lines) + "</ul>"
                 if lines else "<p class='note'>No warnings.</p>")
         sections.append(("warnings", f"Warnings ({len(lines)})", body))

@@ -11,7 +11,7 @@ import pandas as pd
 def collect(multirun_dir) -> pd.DataFrame:
     rows = []
     for f in sorted(Path(multirun_dir).rglob("metrics.json")):
-        m = json.loads(f.read_text())
+        m = json.loads(f.read_text(encoding="utf-8"))
         c = m["cindex"]
         rows.append({
             "experiment": m["experiment"], "harmonize": m.get("harmonize", "none"),
@@ -49,7 +49,7 @@ def results_table(multirun_dir, out_dir=None) -> pd.DataFrame:
             f"{k.upper()} {v:.3f}" for k, v in oracle.items()))
     proto = ", ".join(sorted(runs.protocol.dropna().unique()))
     lines.insert(0, f"Mean test C-index over splits ({proto}), 95 % t-interval over splits.\n")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return wide
 
 

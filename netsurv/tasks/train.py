@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> dict:
         if msg not in seen:
             seen.append(msg)
             log.warning(msg)
-    (out / "warnings.log").write_text("\n".join(seen) + ("\n" if seen else ""))
+    (out / "warnings.log").write_text("\n".join(seen) + ("\n" if seen else ""), encoding="utf-8")
     metrics["n_warnings"] = len(seen)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     c = metrics["cindex"]

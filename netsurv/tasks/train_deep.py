@@ -90,11 +90,11 @@ def _trainer(cfg: DictConfig, out: Path, split: str):
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     oc = cfg.optim
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints" / split, filename="best",
-                           monitor="val/cindex", mode="max", save_top_k=1,
+                           monitor="val/cindex_smooth", mode="max", save_top_k=1,
                            enable_version_counter=False)
     callbacks = [ckpt]
     if oc.patience:
-        callbacks.append(EarlyStopping(monitor="val/cindex", mode="max",
+        callbacks.append(EarlyStopping(monitor="val/cindex_smooth", mode="max",
                                        patience=int(oc.patience)))
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("_target_", None)
@@ -158,7 +158,9 @@ def run_split(cfg, split, patients, tab_frames, bags, time, event, meta, out: Pa
     out_dim = 1 if loss == "cox" else len(edges)
     net = build_net(cfg, dims, out_dim)
     module = SurvivalModule(net, loss=loss, ties=str(cfg.loss.get("ties", "efron")),
-                            edges=edges, lr=float(oc.lr), weight_decay=float(oc.weight_decay))
+                            edges=edges, lr=float(oc.lr), weight_decay=float(oc.weight_decay),
+                            select_after=int(oc.get("select_after", 0)),
+                            smooth=int(oc.get("smooth", 1)))
 
     def ds(idx, train=False):
         return PatientDataset(idx, patients, bags, X, present, time, event, targets=targets,

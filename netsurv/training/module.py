@@ -8,7 +8,11 @@ per time bin (edges fitted on the fit rows' uncensored times) and the risk used 
 is minus the restricted mean survival time.
 
 Validation / test C-index is computed once per epoch on all patients of the set (gathered
-across processes under DDP), logged as ``val/cindex`` and ``test/cindex``.
+across processes under DDP), logged as ``val/cindex`` and ``test/cindex``. Model selection
+(checkpoint, early stopping) monitors ``val/cindex_smooth``: the mean ``val/cindex`` of the last
+``smooth`` epochs, reported as 0 before epoch ``select_after``. With the few validation patients
+of a small cohort the raw C-index of one epoch is noisy enough that an untrained network at
+epoch 0 often "wins"; the window and the warm-up keep the choice on a stable, trained model.
 """
 from __future__ import annotations
 
@@ -26,13 +30,16 @@ __all__ = ["SurvivalModule"]
 
 class SurvivalModule(L.LightningModule):
     def __init__(self, net: torch.nn.Module, loss: str = "cox", ties: str = "efron",
-                 edges=None, lr: float = 2e-4, weight_decay: float = 1e-2):
+                 edges=None, lr: float = 2e-4, weight_decay: float = 1e-2,
+                 select_after: int = 0, smooth: int = 1):
         super().__init__()
         self.net = net
         self.loss_name = canonical_loss(loss)
         self.ties = ties
         self.edges = None if edges is None else np.asarray(edges, float)
         self.lr, self.weight_decay = lr, weight_decay
+        self.select_after, self.smooth = int(select_after), max(1, int(smooth))
+        self.val_history: list[float] = []
         self._buf = {"val": [], "test": []}
         self.eventless_batches = 0
 
@@ -86,6 +93,11 @@ class SurvivalModule(L.LightningModule):
         except MetricError:  # no comparable pair in this set: uninformative
             c = 0.5
         self.log(f"{stage}/cindex", float(c), prog_bar=stage == "val", sync_dist=False)
+        if stage == "val" and not (self.trainer is not None and self.trainer.sanity_checking):
+            self.val_history.append(float(c))
+            sel = (float(np.mean(self.val_history[-self.smooth:]))
+                   if self.current_epoch >= self.select_after else 0.0)
+            self.log("val/cindex_smooth", sel, sync_dist=False)
 
     def on_validation_epoch_end(self):
         self._epoch_end("val")

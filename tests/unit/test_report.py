@@ -198,7 +198,7 @@ def test_write_report_embeds_every_figure(tmp_path):
     write_attention(run / "attention.h5", recs)
     out = write_report(run, attention={"n_top": 1, "n_bottom": 1, "k": 3}, dpi=60)
     assert out == run / "report.html"
-    html = out.read_text()
+    html = out.read_text(encoding="utf-8")
     imgs = _imgs(html)
     names = {a for a, _ in imgs}
     assert {"km_pooled", "km_splits", "td_auc", "brier", "calibration", "forest", "selection",
@@ -223,7 +223,7 @@ def test_write_report_omits_missing_inputs_and_survives_bad_ones(tmp_path):
     run, _ = make_run(tmp_path, splits=("s0", "s1"), hr=False, truth=False)
     (run / "selected_features.csv").write_text("split,nonsense\ns0,1\n")   # broken figure input
     (run / "attention.h5").write_bytes(b"not hdf5")                       # broken optional input
-    html = write_report(run, dpi=50).read_text()
+    html = write_report(run, dpi=50).read_text(encoding="utf-8")
     names = {a for a, _ in _imgs(html)}
     assert "forest" not in names and "truth" not in names
     assert "km_pooled" in names and "brier" in names
@@ -232,8 +232,8 @@ def test_write_report_omits_missing_inputs_and_survives_bad_ones(tmp_path):
     # no predictions, no cohort: still a report
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "metrics.json").write_text((run / "metrics.json").read_text())
-    html = write_report(bare).read_text()
+    (bare / "metrics.json").write_text((run / "metrics.json").read_text(encoding="utf-8"))
+    html = write_report(bare).read_text(encoding="utf-8")
     assert "Harrell C-index" in html and "no predictions.csv" in html
 
 
@@ -255,7 +255,7 @@ def test_real_training_run_report(tmp_path):
             "model.grid.penalizer=[0.1]", "evaluation.seeds=[0,1]", "+output_dir=" + str(out),
             "data.clinical.categorical=[sex,smoking,histology,stage]"])
     run(cfg)
-    html = write_report(out, dpi=50).read_text()
+    html = write_report(out, dpi=50).read_text(encoding="utf-8")
     names = {a for a, _ in _imgs(html)}
     assert {"km_pooled", "td_auc", "brier", "calibration", "forest", "selection"} <= names
     assert 'class="err"' not in html
