@@ -121,7 +121,6 @@ def run_split(cfg, split, patients, tab_frames, bags, time, event, meta, out: Pa
     """Train on one evaluation split; returns (predictions dict, fitted module, extra info)."""
     import lightning as L
 
-    from netsurv.features.clinical import ClinicalEncoder  # noqa: F401  (instantiate target)
     from netsurv.models.classical import ImagingBlock
     from netsurv.survival.losses import TimeBins
     from netsurv.training.datamodule import (PatientDataset, SurvivalDataModule, TabularSteps,
