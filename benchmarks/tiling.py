@@ -103,7 +103,7 @@ def main() -> None:
         raw = RawTileReader(path)
         lv = raw.level_for(*slide.level_dimensions[res.plan.level])
         dsamp = slide.level_downsamples[res.plan.level]
-        assert raw.supports(coords, res.plan, lv, dsamp), "benchmark tiles must be grid-aligned"
+        assert raw.supports(coords, res.plan, lv, dsamp, aligned=True), "benchmark tiles must be grid-aligned"
         for x, y in coords:
             raw.tile_bytes(lv, int(x // dsamp) // 256, int(y // dsamp) // 256)
 

@@ -7,7 +7,9 @@ in the TIFF directory (``dataoffsets`` / ``databytecounts``) and decoded with ti
 page decoder (imagecodecs ``jpeg8_decode``: libjpeg-turbo, releases the GIL, handles
 ``JPEGTables`` and the photometric interpretation), skipping openslide's cache and
 compositing.  Pixels equal openslide's up to JPEG-decoder differences (identical libjpeg-turbo
-builds give identical pixels; the test allows max |diff| <= 3).
+builds give identical pixels; the test allows max |diff| <= 3).  Regions that straddle file
+tiles (the tiler's off-grid gap-fill tiles) are cropped from the decoded neighbours, which a
+small LRU cache keeps so that adjacent regions decode each file tile once.
 
 ``decode_jpeg_torch`` decodes lists of tile streams with ``torchvision.io.decode_jpeg``,
 on CUDA in batches when ``device="cuda"`` (JPEGTables are merged into each stream first);
@@ -16,6 +18,8 @@ it applies to YCbCr (photometric 6) tiles only.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +44,8 @@ class RawTileReader:
 
     Levels are the tiled JPEG RGB pages, identified by their pixel size (``level_for``)."""
 
+    cache_tiles = 64  # decoded file tiles kept for regions that straddle tiles
+
     def __init__(self, path):
         import tifffile
 
@@ -56,6 +62,8 @@ class RawTileReader:
         if not self.pages:
             raise SlideError(f"{self.path}: no tiled JPEG RGB pages; use the openslide path")
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
 
     # -------------------------------------------------------------- geometry
     def level_for(self, width: int, height: int) -> int:
@@ -68,15 +76,24 @@ class RawTileReader:
         p = self.pages[level]
         return p.tilewidth, p.tilelength
 
-    def supports(self, coords: np.ndarray, plan: ReadPlan, level: int, downsample: float) -> bool:
-        """True if every tile of ``coords`` (level 0) maps onto whole file tiles."""
+    def supports(self, coords: np.ndarray, plan: ReadPlan, level: int, downsample: float,
+                 aligned: bool = False) -> bool:
+        """True if every tile of ``coords`` (level 0) falls on whole pixels of the read level
+        inside it; with ``aligned=True``, only if each also maps onto whole file tiles (the
+        fastest case: one decode per file tile, no cropping)."""
         tw, th = self.tile_size(level)
-        if plan.read_size % tw or plan.read_size % th:
-            return False
-        c = np.asarray(coords, np.float64) / downsample
+        c = np.asarray(coords, np.float64).reshape(-1, 2) / downsample
         if not np.allclose(c, np.round(c)):
             return False
         c = np.round(c).astype(np.int64)
+        p = self.pages[level]
+        if len(c) and (c.min() < 0 or (c[:, 0] + plan.read_size).max() > p.imagewidth
+                       or (c[:, 1] + plan.read_size).max() > p.imagelength):
+            return False
+        if not aligned:
+            return True
+        if plan.read_size % tw or plan.read_size % th:
+            return False
         return bool(np.all(c[:, 0] % tw == 0) and np.all(c[:, 1] % th == 0))
 
     # -------------------------------------------------------------- reading
@@ -99,18 +116,47 @@ class RawTileReader:
         arr, _, _ = p.decode(data, ty * nx + tx, jpegtables=p.jpegtables)
         return arr.reshape(p.tilelength, p.tilewidth, -1)[..., :3]
 
+    def _cached_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
+        """Decoded file tile through a small LRU cache: regions that straddle file tiles
+        (gap-fill tiles) share their neighbours' tiles, which are then decoded once."""
+        key = (level, tx, ty)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        arr = self.decode_tile(level, tx, ty)
+        with self._lock:
+            self._cache[key] = arr
+            while len(self._cache) > self.cache_tiles:
+                self._cache.popitem(last=False)
+        return arr
+
     def read_level_region(self, lx: int, ly: int, level: int, size: int) -> np.ndarray:
+        """``size`` x ``size`` pixels of ``level`` at (lx, ly): one decode per file tile when
+        aligned, else the 1-4+ file tiles it straddles, decoded (cached) and cropped."""
         tw, th = self.tile_size(level)
-        if lx % tw or ly % th or size % tw or size % th:
-            raise SlideError(f"{self.path}: region ({lx}, {ly}, {size}) is not tile-aligned")
-        kx, ky = size // tw, size // th
-        if kx == 1 and ky == 1:
-            return self.decode_tile(level, lx // tw, ly // th)
+        p = self.pages[level]
+        if lx < 0 or ly < 0 or lx + size > p.imagewidth or ly + size > p.imagelength:
+            raise SlideError(f"{self.path}: region ({lx}, {ly}, {size}) outside level {level}")
+        if not (lx % tw or ly % th or size % tw or size % th):
+            kx, ky = size // tw, size // th
+            if kx == 1 and ky == 1:
+                return self.decode_tile(level, lx // tw, ly // th)
+            out = np.empty((size, size, 3), np.uint8)
+            for j in range(ky):
+                for i in range(kx):
+                    out[j * th:(j + 1) * th, i * tw:(i + 1) * tw] = self.decode_tile(
+                        level, lx // tw + i, ly // th + j)
+            return out
         out = np.empty((size, size, 3), np.uint8)
-        for j in range(ky):
-            for i in range(kx):
-                out[j * th:(j + 1) * th, i * tw:(i + 1) * tw] = self.decode_tile(
-                    level, lx // tw + i, ly // th + j)
+        for ty in range(ly // th, (ly + size - 1) // th + 1):
+            for tx in range(lx // tw, (lx + size - 1) // tw + 1):
+                t = self._cached_tile(level, tx, ty)
+                x0, y0 = max(lx, tx * tw), max(ly, ty * th)
+                x1, y1 = min(lx + size, (tx + 1) * tw), min(ly + size, (ty + 1) * th)
+                out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = t[y0 - ty * th:y1 - ty * th,
+                                                          x0 - tx * tw:x1 - tx * tw]
         return out
 
     def read_plan(self, x: int, y: int, plan: ReadPlan, level: int, downsample: float

@@ -43,7 +43,7 @@ try:  # a torch Dataset when torch is installed (it is a dependency); plain clas
 except ImportError:  # pragma: no cover
     _TorchDataset = object
 
-from .slides import ReadPlan, SlideReader, open_slide
+from .slides import ReadPlan, SlideError, SlideReader, open_slide
 from .tissue import TissueMask, TissueParams, segment_tissue
 
 __all__ = ["TILING_DEFAULTS", "NoTissueError", "TilingResult", "params_hash", "normalise_params",
@@ -56,13 +56,15 @@ TILING_DEFAULTS = {
     "mpp_tolerance": 0.05,
     "overlap": 0,
     "min_tissue_fraction": 0.5,
-    "max_artefact_fraction": 0.2,
+    "max_artefact_fraction": 0.05,
     "allow_upsample": False,
     "edge_policy": "inside",
+    "fill_gaps": True,
+    "fill_min_new": 0.1,
     "mpp_override": None,
     "tissue": TissueParams().to_dict(),
 }
-HASH_VERSION = 1  # bump when the algorithm changes in a way that changes coords
+HASH_VERSION = 2  # bump when the algorithm changes in a way that changes coords
 
 
 class NoTissueError(RuntimeError):
@@ -101,6 +103,10 @@ def normalise_params(params=None) -> dict:
         raise ValueError("tiling.min_tissue_fraction must be in [0, 1]")
     if not 0.0 <= p["max_artefact_fraction"] <= 1.0:
         raise ValueError("tiling.max_artefact_fraction must be in [0, 1]")
+    p["fill_gaps"] = bool(p["fill_gaps"])
+    p["fill_min_new"] = float(p["fill_min_new"])
+    if not 0.0 < p["fill_min_new"] <= 1.0:
+        raise ValueError("tiling.fill_min_new must be in (0, 1]")
     if p["edge_policy"] != "inside":
         raise ValueError(f"tiling.edge_policy {p['edge_policy']!r}: only 'inside' is supported")
     return p
@@ -147,6 +153,72 @@ def tile_fractions(mask: np.ndarray, scale, coords: np.ndarray, size0: int) -> n
     return (area / ((x1 - x0) * (y1 - y0))).astype(np.float32)
 
 
+def _thumb_box(x, y, size0, scale, shape):
+    """Thumbnail-pixel slice (rows, cols) of a level-0 tile (rounded edges)."""
+    sx, sy = scale
+    c0, c1 = int(round(x / sx)), int(round((x + size0) / sx))
+    r0, r1 = int(round(y / sy)), int(round((y + size0) / sy))
+    return slice(max(r0, 0), min(r1, shape[0])), slice(max(c0, 0), min(c1, shape[1]))
+
+
+def fill_gap_coords(tm: TissueMask, grid: np.ndarray, width: int, height: int, size0: int,
+                    p: dict, snap: float = 1.0) -> np.ndarray:
+    """Extra, off-grid tiles over tissue that the regular grid leaves uncovered.
+
+    A fixed grid with a minimum tissue fraction per tile loses the tissue of every boundary
+    tile below that fraction: on the demo's 1.5 mm sections, 256 px tiles at 0.5 µm/px covered
+    only 86 % of the true tissue.  Lowering the fraction instead fills the bag with tiles that
+    are mostly glass.  So, as a second pass, tiles that meet the same tissue and artefact
+    criteria are placed anywhere (thumbnail-pixel positions, level-0 coords snapped to
+    multiples of ``snap``, the read level's downsample), greedily by the amount of still
+    uncovered tissue they add, while that amount is >= ``fill_min_new`` of a tile's area.
+    No library offers this (CLAM/TRIDENT tile a fixed grid), hence written here.
+    Returns level-0 top-left corners, row-major.
+    """
+    import heapq
+
+    mask, excl, scale = tm.mask, tm.excluded, tm.scale
+    sx, sy = scale
+    unc = mask.copy()
+    for x, y in grid:
+        unc[_thumb_box(x, y, size0, scale, mask.shape)] = False
+    kw, kh = max(1, int(round(size0 / sx))), max(1, int(round(size0 / sy)))
+    if not unc.any() or kw > mask.shape[1] or kh > mask.shape[0]:
+        return np.zeros((0, 2), np.int64)
+    sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    sat[1:, 1:] = unc.cumsum(0).cumsum(1)
+    gain = sat[kh:, kw:] - sat[:-kh, kw:] - sat[kh:, :-kw] + sat[:-kh, :-kw]
+    need = p["fill_min_new"] * kw * kh
+    ii, jj = np.nonzero(gain >= need)
+    if len(ii) == 0:
+        return np.zeros((0, 2), np.int64)
+    snap = max(1.0, float(snap))
+    xs = np.clip(np.round(jj * sx / snap) * snap, 0, (width - size0) // snap * snap)
+    ys = np.clip(np.round(ii * sy / snap) * snap, 0, (height - size0) // snap * snap)
+    cand = np.stack([xs, ys], 1).astype(np.int64)
+    ok = tile_fractions(mask, scale, cand, size0) >= p["min_tissue_fraction"] - 1e-6
+    if p["max_artefact_fraction"] < 1.0 and excl.any():
+        ok &= tile_fractions(excl, scale, cand, size0) <= p["max_artefact_fraction"] + 1e-6
+    heap = [(-int(g), k) for k, g in enumerate(gain[ii, jj]) if ok[k]]
+    heapq.heapify(heap)
+    out = []
+    while heap:  # lazy greedy: gains only shrink, so a re-scored top that stays on top is best
+        _, k = heapq.heappop(heap)
+        box = _thumb_box(cand[k, 0], cand[k, 1], size0, scale, mask.shape)
+        g = int(unc[box].sum())
+        if g < need:
+            continue
+        if heap and g < -heap[0][0]:
+            heapq.heappush(heap, (-g, k))
+            continue
+        unc[box] = False
+        out.append(cand[k])
+    if not out:
+        return np.zeros((0, 2), np.int64)
+    out = np.unique(np.asarray(out, np.int64), axis=0)
+    return out[np.lexsort((out[:, 0], out[:, 1]))]
+
+
 @dataclass
 class TilingResult:
     coords: np.ndarray
@@ -155,6 +227,11 @@ class TilingResult:
     stride_level0: int
     tissue: TissueMask
     params: dict
+    n_grid: int = -1  # coords[:n_grid] form the regular grid, the rest are gap-fill tiles
+
+    def __post_init__(self):
+        if self.n_grid < 0:
+            self.n_grid = len(self.coords)
 
     @property
     def n_tiles(self) -> int:
@@ -178,12 +255,20 @@ def tile_slide(slide: SlideReader, params=None, user_mask=None,
     if p["max_artefact_fraction"] < 1.0 and tm.excluded.any():
         keep &= tile_fractions(tm.excluded, tm.scale, coords, size0) <= (
             p["max_artefact_fraction"] + 1e-6)
-    if not keep.any():
+    coords, frac = coords[keep], frac[keep]
+    n_grid = len(coords)
+    if p["fill_gaps"]:
+        extra = fill_gap_coords(tm, coords, W, H, size0, p,
+                                snap=slide.level_downsamples[plan.level])
+        if len(extra):
+            coords = np.concatenate([coords, extra])
+            frac = np.concatenate([frac, tile_fractions(tm.mask, tm.scale, extra, size0)])
+    if not len(coords):
         raise NoTissueError(
             f"{slide.path}: no tile has a tissue fraction >= {p['min_tissue_fraction']} (mask "
             f"covers {100 * tm.tissue_fraction:.2f} % of the thumbnail); check the QC image, "
             "lower tiling.min_tissue_fraction or adjust tiling.tissue.*")
-    return TilingResult(coords[keep], frac[keep], plan, stride0, tm, p)
+    return TilingResult(coords, frac, plan, stride0, tm, p, n_grid)
 
 
 def write_coords(path, result: TilingResult, slide: SlideReader, *, slide_id: str = "",
@@ -201,6 +286,9 @@ def write_coords(path, result: TilingResult, slide: SlideReader, *, slide_id: st
         with h5py.File(tmp, "w") as f:
             d = f.create_dataset("coords", data=result.coords.astype(np.int64))
             f.create_dataset("tissue_fraction", data=result.tissue_fraction.astype(np.float32))
+            # 0 = regular grid tile, 1 = gap-fill tile placed off the grid (tiling.fill_gaps)
+            f.create_dataset("gap_fill", data=(np.arange(len(result.coords)) >= result.n_grid
+                                               ).astype(np.uint8))
             W, H = slide.dimensions
             attrs = {
                 "patch_size": int(plan.size_px),
@@ -223,6 +311,10 @@ def write_coords(path, result: TilingResult, slide: SlideReader, *, slide_id: st
                 "min_tissue_fraction": float(p["min_tissue_fraction"]),
                 "max_artefact_fraction": float(p["max_artefact_fraction"]),
                 "edge_policy": p["edge_policy"],
+                "fill_gaps": bool(p["fill_gaps"]),
+                "fill_min_new": float(p["fill_min_new"]),
+                "n_grid_tiles": int(result.n_grid),
+                "n_gap_fill_tiles": int(len(result.coords) - result.n_grid),
                 "tissue_params": json.dumps(p["tissue"], sort_keys=True),
                 "tissue_threshold": float(result.tissue.threshold),
                 "thumb_scale": np.asarray(result.tissue.scale, np.float64),
@@ -259,7 +351,8 @@ class TileDataset(_TorchDataset):
     ``transform(tile)`` if a transform is given (e.g. ``torch.from_numpy(t).permute(2, 0, 1)``
     for CHW tensors).  ``backend``: "openslide" (any format, via the slide reader), "raw"
     (decode the file's JPEG tiles directly, see :mod:`netsurv.pathology.rawtiles`; requires
-    grid-aligned tiles, see :meth:`raw_supported`) or "auto" (raw when supported).  Slide handles are opened
+    a tiled JPEG TIFF read without resampling of the level grid, see :meth:`raw_supported`)
+    or "auto" (raw when supported).  Slide handles are opened
     lazily per process, so the dataset works with DataLoader workers.
     """
 
@@ -279,6 +372,14 @@ class TileDataset(_TorchDataset):
         mo = a.get("mpp_override")
         self._mpp = mpp_override if mpp_override is not None else (
             None if mo is None or (isinstance(mo, float) and np.isnan(mo)) else float(mo))
+        W, H, s0 = int(a["level0_width"]), int(a["level0_height"]), int(a["patch_size_level0"])
+        c = self.coords.reshape(-1, 2)
+        bad = (c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] + s0 > W) | (c[:, 1] + s0 > H)
+        if bad.any():  # openslide would return blank pixels for them without complaint
+            x, y = c[np.argmax(bad)]
+            raise SlideError(f"{self.coords_path}: {int(bad.sum())} tile(s) lie outside the "
+                             f"{W}x{H} px slide (e.g. at ({x}, {y}), size {s0}); the coords "
+                             "file is corrupt or belongs to another slide: delete it and re-tile")
         self._reader = None
         self._pid = None
         if backend == "auto":

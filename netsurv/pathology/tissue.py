@@ -257,9 +257,9 @@ def segment_tissue(slide: SlideReader, params=None, user_mask=None,
 
 
 def save_qc(path, tm: TissueMask, coords=None, patch_size_level0: int | None = None,
-            title: str | None = None) -> None:
+            title: str | None = None, n_grid: int | None = None) -> None:
     """PNG: the thumbnail, excluded (ink / dark) pixels hatched red, the tissue contour in
-    green and the tile grid as blue rectangles."""
+    green, the tile grid as blue rectangles and gap-fill tiles (``coords[n_grid:]``) orange."""
     from PIL import Image, ImageDraw
 
     img = tm.thumb.copy()
@@ -275,9 +275,12 @@ def save_qc(path, tm: TissueMask, coords=None, patch_size_level0: int | None = N
     draw = ImageDraw.Draw(pil)
     if coords is not None and patch_size_level0:
         sx, sy = tm.scale[0] / scale_up, tm.scale[1] / scale_up
-        for x, y in np.asarray(coords):
+        coords = np.asarray(coords)
+        ng = len(coords) if n_grid is None else int(n_grid)
+        for k, (x, y) in enumerate(coords):
             draw.rectangle([x / sx, y / sy, (x + patch_size_level0) / sx - 1,
-                            (y + patch_size_level0) / sy - 1], outline=(30, 60, 255))
+                            (y + patch_size_level0) / sy - 1],
+                           outline=(30, 60, 255) if k < ng else (255, 140, 0))
     if title:
         draw.text((4, 4), title, fill=(0, 0, 0))
     path = Path(path)

@@ -109,8 +109,9 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
                 if qc:
                     save_qc(out / "qc" / f"{sid}.png", res.tissue, res.coords,
                             res.plan.size_level0,
-                            title=f"{sid}: {res.n_tiles} tiles, {slide.mpp:g} um/px "
-                                  f"[{slide.mpp_source}]")
+                            title=f"{sid}: {res.n_grid} grid + {res.n_tiles - res.n_grid} "
+                                  f"gap-fill tiles, {slide.mpp:g} um/px [{slide.mpp_source}]",
+                            n_grid=res.n_grid)
             rec["n_tiles"], rec["status"] = res.n_tiles, "done"
             n_done += 1
         except Exception as e:  # noqa: BLE001 - record and go on with the other slides

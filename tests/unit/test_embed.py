@@ -161,6 +161,7 @@ def test_cohort_job_resume_and_failures(wsi, encoder, tmp_path):
     assert set(fails.slide_id) == {"s0", "s3"}, fails
     assert fails.reason.str.len().min() > 0
     assert "tiling failed" in fails.set_index("slide_id").reason["s3"]
+    assert "outside" in fails.set_index("slide_id").reason["s0"]  # corrupt coords named
     assert (res3["n_done"], res3["n_skipped"], res3["n_failed"]) == (1, 1, 2)
     idx = pd.read_csv(out / "index.csv").set_index("slide_id")
     assert idx.status.to_dict() == {"s0": "failed", "s1": "done", "s2": "skipped",

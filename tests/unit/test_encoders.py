@@ -235,15 +235,20 @@ def test_preprocess_layouts_resize_and_crop():
         enc.preprocess(np.zeros((1, 224, 224, 4), np.uint8))
 
 
-def test_precision_policy():
-    assert resolve_precision("auto", "cpu") == "fp32"
+def test_precision_policy(monkeypatch):
+    import netsurv.pathology.encoders.core as core
+
+    for native, want in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(core, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_precision("auto", "cpu") == want
     assert resolve_precision(None, "cuda") == "bf16"
     assert resolve_precision("fp32", "cuda") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError):
         resolve_precision("fp16", "cpu")
     assert not build_encoder("test_tiny").channels_last
-    assert get_spec("resnet50_trunc").kind == "cnn"  # channels_last on CUDA only
+    assert get_spec("resnet50_trunc").kind == "cnn"
+    assert build_encoder("resnet50_trunc", weights="random").channels_last  # CNNs: channels-last
 
 
 def test_cls_meanpatch_skips_register_tokens():
