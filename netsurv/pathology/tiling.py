@@ -239,13 +239,14 @@ class TilingResult:
 
 
 def tile_slide(slide: SlideReader, params=None, user_mask=None,
-               user_mask_downsample: float | None = None) -> TilingResult:
-    """Tissue mask + grid + filtering for one open slide.  Raises NoTissueError."""
+               user_mask_downsample: float | None = None, device="auto") -> TilingResult:
+    """Tissue mask + grid + filtering for one open slide.  Raises NoTissueError.
+    ``device``: where the thumbnail is segmented ("auto": the GPU when present)."""
     p = normalise_params(params)
     plan = slide.plan(p["patch_size"], p["target_mpp"], p["mpp_tolerance"], p["allow_upsample"])
     size0 = plan.size_level0
     stride0 = max(1, int(round(size0 * (p["patch_size"] - p["overlap"]) / p["patch_size"])))
-    tm = segment_tissue(slide, p["tissue"], user_mask, user_mask_downsample)
+    tm = segment_tissue(slide, p["tissue"], user_mask, user_mask_downsample, device=device)
     W, H = slide.dimensions
     coords = grid_coords(W, H, size0, stride0)
     frac = tile_fractions(tm.mask, tm.scale, coords, size0)

@@ -140,10 +140,76 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values, nbins=256))
 
 
-def tissue_mask_from_rgb(rgb: np.ndarray, px_um: float, params=None):
+def _pixel_rules_torch(rgb: np.ndarray, px_um: float, p: TissueParams, device):
+    """The per-pixel rules and the closing/opening of :func:`tissue_mask_from_rgb` in torch
+    (float HSV instead of PIL's 8-bit steps; disc morphology as a convolution with zero
+    padding, which equals scipy's ``border_value=0``).  Returns numpy (mask, excluded, thr)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.array(rgb[..., :3], np.uint8)).to(device).float().div_(255.0)
+    mx, mn = x.max(-1).values, x.min(-1).values
+    delta = mx - mn
+    sat = torch.where(mx > 0, delta / mx.clamp_min(1e-12), torch.zeros_like(mx))
+    r, g, b = x.unbind(-1)
+    d = delta.clamp_min(1e-12)
+    hue = torch.where(mx == r, ((g - b) / d) % 6, torch.where(mx == g, (b - r) / d + 2,
+                                                           (r - g) / d + 4)) * 60.0
+    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
+    dark = mx < p.dark_value
+    pen = torch.zeros_like(dark)
+    for lo, hi in p.pen_hue_ranges:
+        pen |= (hue >= lo) & (hue < hi)
+    pen &= sat >= p.pen_min_saturation
+
+    def conv(m, radius):
+        k = torch.as_tensor(_disc(radius), dtype=torch.float32, device=m.device)
+        out = F.conv2d(m.float()[None, None], k[None, None], padding=k.shape[-1] // 2)[0, 0]
+        return out, float(k.sum())
+
+    def dilate(m, radius):
+        return conv(m, radius)[0] > 0.5
+
+    def erode(m, radius):
+        out, full = conv(m, radius)
+        return out > full - 0.5
+
+    excluded = dark | pen
+    if p.exclude_dilate_um > 0 and bool(excluded.any()):
+        excluded = dilate(excluded, p.exclude_dilate_um / px_um)
+    cand = sat[~excluded]
+    if cand.numel() < 2 or float(cand.min()) == float(cand.max()):
+        thr = float("inf")
+    else:
+        from skimage.filters import threshold_otsu
+
+        lo_, hi_ = float(cand.min()), float(cand.max())
+        counts = torch.histc(cand, bins=256, min=lo_, max=hi_).cpu().numpy()
+        centres = lo_ + (np.arange(256) + 0.5) * (hi_ - lo_) / 256
+        thr = float(threshold_otsu(hist=(counts, centres)))
+    thr = float(np.clip(thr, p.min_saturation, p.max_saturation_threshold))
+    mask = (sat > thr) & ~excluded
+    if p.min_od > 0:
+        od = -torch.log((x * 255.0 + 1.0) / 256.0).mean(-1)
+        mask &= od > p.min_od
+    if p.close_um > 0:
+        mask = erode(dilate(mask, p.close_um / px_um), p.close_um / px_um)
+    if p.open_um > 0:
+        mask = dilate(erode(mask, p.open_um / px_um), p.open_um / px_um)
+    return mask.cpu().numpy(), excluded.cpu().numpy(), thr
+
+
+def tissue_mask_from_rgb(rgb: np.ndarray, px_um: float, params=None, device=None):
     """Apply the rules of the module doc to an RGB thumbnail of ``px_um`` µm/px.
-    Returns (mask, excluded, threshold)."""
+    Returns (mask, excluded, threshold).
+
+    ``device`` (a torch device, e.g. "cuda"): run the per-pixel rules and the morphology in
+    torch there; connected components and holes stay on the CPU (scipy).  ``None``: numpy /
+    scipy throughout.  Both agree on >= 99 % of pixels (tests)."""
     p = TissueParams.from_any(params)
+    if device is not None:
+        mask, excluded, thr = _pixel_rules_torch(rgb, px_um, p, device)
+        return _regions_and_holes(mask, excluded, px_um, p) + (thr,)
     hue, sat, val = _hsv(rgb)
     dark = val < p.dark_value
     pen = np.zeros_like(dark)
@@ -164,7 +230,12 @@ def tissue_mask_from_rgb(rgb: np.ndarray, px_um: float, params=None):
         mask = ndi.binary_closing(mask, _disc(p.close_um / px_um), border_value=0)
     if p.open_um > 0:
         mask = ndi.binary_opening(mask, _disc(p.open_um / px_um))
-    mask &= ~excluded  # closing must not bridge back over ink
+    mask, excluded = _regions_and_holes(mask, excluded, px_um, p)
+    return mask, excluded, thr
+
+
+def _regions_and_holes(mask, excluded, px_um: float, p: TissueParams):
+    mask = mask & ~excluded  # closing must not bridge back over ink
     px_area = px_um * px_um
     if p.min_region_um2 > 0 and mask.any():
         lab, n = ndi.label(mask)
@@ -183,7 +254,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, px_um: float, params=None):
             small[0] = False
             mask |= small[lab]
         mask &= ~excluded
-    return mask, excluded, thr
+    return mask, excluded
 
 
 def load_user_mask(path, shape, scale, downsample: float | None = None) -> np.ndarray:
@@ -239,14 +310,30 @@ def load_user_mask(path, shape, scale, downsample: float | None = None) -> np.nd
     return m[np.ix_(ys, xs)]
 
 
+def resolve_device(device):
+    """``"auto"`` -> "cuda" when torch sees a GPU, else None (numpy); ``None``/"numpy" ->
+    None; anything else is a torch device name."""
+    if device in (None, "numpy", "none"):
+        return None
+    if device == "auto":
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else None
+        except ImportError:
+            return None
+    return str(device)
+
+
 def segment_tissue(slide: SlideReader, params=None, user_mask=None,
-                   user_mask_downsample: float | None = None) -> TissueMask:
+                   user_mask_downsample: float | None = None, device="auto") -> TissueMask:
     """Tissue mask of ``slide`` on a thumbnail at ``params.thumb_mpp`` µm/px.  ``user_mask``:
-    a bool array on the thumbnail grid, or a path (see :func:`load_user_mask`)."""
+    a bool array on the thumbnail grid, or a path (see :func:`load_user_mask`).
+    ``device``: see :func:`resolve_device` (GPU segmentation when available)."""
     p = TissueParams.from_any(params)
     rgb, scale = thumbnail(slide, p.thumb_mpp)
     px_um = slide.mpp * math.sqrt(scale[0] * scale[1])
-    mask, excluded, thr = tissue_mask_from_rgb(rgb, px_um, p)
+    mask, excluded, thr = tissue_mask_from_rgb(rgb, px_um, p, device=resolve_device(device))
     if user_mask is not None:
         if not isinstance(user_mask, np.ndarray):
             user_mask = load_user_mask(user_mask, mask.shape, scale, user_mask_downsample)

@@ -77,7 +77,7 @@ def _container(x) -> dict:
 def _ensure_tiles(slides: pd.DataFrame, params: dict, tiles_out: Path, tcfg: dict) -> dict:
     """Tile the slides that lack a valid coords file; {slide_id: failure reason}."""
     from netsurv.pathology.tiling import normalise_params, params_hash
-    from netsurv.tasks.tile import _is_done, _slide_override, tile_cohort
+    from netsurv.tasks.tile import _is_done, _slide_override, tile_cohort, tile_options
 
     phash = params_hash(params)
     p = normalise_params(params)
@@ -85,11 +85,7 @@ def _ensure_tiles(slides: pd.DataFrame, params: dict, tiles_out: Path, tcfg: dic
             if not _is_done(tiles_out / f"{r['slide_id']}.h5", phash, _slide_override(r, p))]
     if not todo:
         return {}
-    res = tile_cohort(slides.iloc[todo], params, tiles_out, qc=bool(tcfg.get("qc", True)),
-                      user_mask_dir=tcfg.get("user_mask_dir"),
-                      user_mask_downsample=tcfg.get("user_mask_downsample"),
-                      backend=str(tcfg.get("backend", "auto")),
-                      progress=bool(tcfg.get("progress", True)))
+    res = tile_cohort(slides.iloc[todo], params, tiles_out, **tile_options(tcfg))
     print(f"embed: tiled {res['n_done']} slide(s) first, {res['n_failed']} failed -> {tiles_out}")
     return {str(r.slide_id): f"tiling failed: {r.error_type}: {r.error}"
             for r in res["failures"].itertuples(index=False)}

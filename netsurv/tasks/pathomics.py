@@ -167,7 +167,7 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
     from netsurv.pathology.morphology import combine_slides, params_hash
     from netsurv.pathology.tiling import params_hash as tiling_hash
     from netsurv.tasks.tile import output_dir as tiles_dir
-    from netsurv.tasks.tile import tile_cohort
+    from netsurv.tasks.tile import tile_cohort, tile_options
 
     if cohort.slides is None or len(cohort.slides) == 0:
         raise CohortError(f"{cohort.root}: no slides.csv (or it is empty), so there are no "
@@ -183,9 +183,7 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
 
     tcfg = OmegaConf.to_container(cfg.tile, resolve=True) if cfg.get("tile") is not None else {}
     tres = tile_cohort(cohort.slides, tiling, tiles_dir(cfg.data.derived, tiling),
-                       qc=bool(tcfg.get("qc", True)), user_mask_dir=tcfg.get("user_mask_dir"),
-                       user_mask_downsample=tcfg.get("user_mask_downsample"),
-                       backend=str(tcfg.get("backend", "auto")), progress=progress)
+                       **{**tile_options(tcfg), "progress": progress})
     tfail = tres["failures"].assign(
         stage="tiling", error=lambda d: d["error_type"] + ": " + d["error"])[FAILURE_COLUMNS]
     index = tres["index"]

@@ -63,9 +63,19 @@ def _user_mask(user_mask_dir, slide_id: str):
     return None
 
 
+def tile_options(tcfg) -> dict:
+    """Keyword arguments of :func:`tile_cohort` from the ``tile`` job options (tile_opts)."""
+    tcfg = dict(tcfg or {})
+    return {"qc": bool(tcfg.get("qc", True)), "user_mask_dir": tcfg.get("user_mask_dir"),
+            "user_mask_downsample": tcfg.get("user_mask_downsample"),
+            "backend": str(tcfg.get("backend", "auto")),
+            "progress": bool(tcfg.get("progress", True)),
+            "device": tcfg.get("device", "auto")}
+
+
 def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = True,
                 user_mask_dir=None, user_mask_downsample=None, backend: str = "auto",
-                progress: bool = True) -> dict:
+                progress: bool = True, device="auto") -> dict:
     """Tile every slide of ``slides`` (patient_id, slide_id, path, optional mpp) into ``out``."""
     from tqdm import tqdm
 
@@ -104,7 +114,7 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
         try:
             with open_slide(row["path"], override, backend=backend) as slide:
                 res = tile_slide(slide, params, _user_mask(user_mask_dir, sid),
-                                 user_mask_downsample)
+                                 user_mask_downsample, device=device)
                 write_coords(h5, res, slide, slide_id=sid, params_hash_=phash)
                 if qc:
                     save_qc(out / "qc" / f"{sid}.png", res.tissue, res.coords,
@@ -140,11 +150,7 @@ def run(cfg: DictConfig) -> dict:
     params = OmegaConf.to_container(cfg.tiling, resolve=True)
     tcfg = OmegaConf.to_container(cfg.get("tile", {}), resolve=True) or {}
     out = output_dir(cfg.data.derived, params)
-    res = tile_cohort(cohort.slides, params, out, qc=bool(tcfg.get("qc", True)),
-                      user_mask_dir=tcfg.get("user_mask_dir"),
-                      user_mask_downsample=tcfg.get("user_mask_downsample"),
-                      backend=str(tcfg.get("backend", "auto")),
-                      progress=bool(tcfg.get("progress", True)))
+    res = tile_cohort(cohort.slides, params, out, **tile_options(tcfg))
     print(f"tiling: {res['n_done']} tiled, {res['n_skipped']} skipped (already done), "
           f"{res['n_failed']} failed; {res['n_tiles']} tiles -> {out}")
     if res["n_failed"]:

@@ -304,3 +304,24 @@ def test_hydra_config_composes_and_runs(slides, tmp_path, clinical_df):
     out = Path(res["out"])
     assert out.parent == root / "derived" / "tiles" and (out / "a.h5").is_file()
     assert run(cfg)["n_skipped"] == 2
+
+
+def test_torch_segmentation_matches_numpy(slides):
+    """The GPU path (torch; run here on the CPU) agrees with numpy/scipy on the demo slides."""
+    from netsurv.pathology.tissue import resolve_device, segment_tissue
+
+    assert resolve_device("numpy") is None and resolve_device("cuda:1") == "cuda:1"
+    for name in ("s0", "s1", "s2"):
+        path, truth = slides[name]
+        s = open_slide(path)
+        a = segment_tissue(s, device="numpy")
+        b = segment_tissue(s, device="cpu")
+        assert (a.mask == b.mask).mean() >= 0.99, name
+        assert (a.excluded == b.excluded).mean() >= 0.99, name
+        assert b.threshold == pytest.approx(a.threshold, abs=0.01)
+        tis = np.isin(truth, TISSUE)
+        assert (b.mask & tis).sum() / tis.sum() >= 0.93  # as good against the truth
+        ra, rb = tile_slide(s, device="numpy"), tile_slide(s, device="cpu")
+        ga = {tuple(c) for c in ra.coords[:ra.n_grid]}
+        gb = {tuple(c) for c in rb.coords[:rb.n_grid]}
+        assert len(ga ^ gb) <= 0.05 * len(ga | gb), name
