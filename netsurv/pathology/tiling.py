@@ -17,14 +17,22 @@ A tile is kept when the fraction of its area covered by the tissue mask is at le
 other very dark areas; see :mod:`.tissue`) is at most ``max_artefact_fraction`` (both
 computed exactly on the thumbnail grid with summed-area tables).
 
+Gap fill (``fill_gaps``, default on): the grid loses the tissue of boundary tiles below
+``min_tissue_fraction``; a second pass places off-grid tiles meeting the same two rules where
+they add at least ``fill_min_new`` of a tile's area of still uncovered tissue (greedy).  On the
+demo cohort this took coverage of the true tissue from 86 % to 98 % for 35 % more tiles, all
+still >= 50 % tissue.  They follow the grid tiles in ``coords``; dataset ``gap_fill`` (uint8)
+marks them, so ``coords[gap_fill == 0]`` is the plain grid.
+
 Coords file (one per slide, HDF5)
 ---------------------------------
-dataset ``coords``: int64 (N, 2), level-0 top-left (x, y), row-major order; attributes
+dataset ``coords``: int64 (N, 2), level-0 top-left (x, y), row-major order (grid tiles, then
+gap-fill tiles); attributes
 ``patch_size``, ``patch_size_level0``, ``level0_width``, ``level0_height`` (the CLAM /
 TRIDENT names), plus ``target_mpp``, ``read_level``, ``read_mpp``, ``read_size``,
 ``mpp``, ``mpp_source``, ``mpp_override``, ``overlap``, ``min_tissue_fraction``,
-``max_artefact_fraction``,
-``edge_policy``, ``tissue_params`` (json), ``tissue_threshold``, ``reader``, ``slide_path``,
+``max_artefact_fraction``, ``fill_gaps``, ``fill_min_new``, ``n_grid_tiles``,
+``n_gap_fill_tiles``, ``edge_policy``, ``tissue_params`` (json), ``tissue_threshold``, ``reader``, ``slide_path``,
 ``slide_id``, ``netsurv_version``, ``params`` (json) and ``params_hash``.  Dataset
 ``tissue_fraction`` (float32, N) holds each tile's mask fraction.
 """
