@@ -126,16 +126,30 @@ class SurvivalNet(nn.Module):
     """Branches (``wsi``: a MIL module; tabular modalities: :class:`TabularMLP`) -> fusion -> head
     outputs ``[B, out_dim]`` (1 = Cox log-hazard; n_bins = discrete-time hazard logits).
 
+    ``linear``: {modality: input size} of tabular modalities that also get a linear term added
+    to the output (``out += present_m * W_m x_m``; a residual linear Cox / hazard-logit model
+    beside the nonlinear fusion). Small cohorts carry most of their tabular signal linearly, and
+    a GELU bottleneck followed by the fusion MLP uses it poorly; the weights start at zero so the
+    network starts as the plain fusion model.
+
     ``batch`` keys: ``wsi`` [B, N, D] + ``wsi_mask`` [B, N]; ``<modality>`` [B, d] for tabular
     ones; ``present`` {modality: bool [B]}.
     """
 
     def __init__(self, branches: dict[str, nn.Module], fusion: nn.Module,
-                 modality_dropout: float = 0.0):
+                 modality_dropout: float = 0.0, linear: dict[str, int] | None = None):
         super().__init__()
         self.branches = nn.ModuleDict(branches)
         self.fusion = fusion
         self.modality_dropout = modality_dropout
+        out_dim = int(getattr(fusion, "out_dim", 1))
+        self.linear = nn.ModuleDict()
+        for m, d in (linear or {}).items():
+            if m == "wsi" or m not in self.branches:
+                raise ValueError(f"linear term: {m!r} is not a tabular branch of this network")
+            lin = nn.Linear(int(d), out_dim, bias=False)  # bias: Cox is shift-invariant
+            nn.init.zeros_(lin.weight)
+            self.linear[m] = lin
 
     def _drop(self, present: dict[str, Tensor]) -> dict[str, Tensor]:
         """Drop each present modality with probability p, keeping at least one per patient."""
@@ -160,4 +174,7 @@ class SurvivalNet(nn.Module):
                 embs[m] = branch(batch[m])
         if self.training and self.modality_dropout > 0 and len(embs) > 1:
             present = self._drop(present)
-        return {"out": self.fusion(embs, present), "attention": attn}
+        out = self.fusion(embs, present)
+        for m, lin in self.linear.items():
+            out = out + lin(batch[m]) * present[m][:, None].to(out.dtype)
+        return {"out": out, "attention": attn}

@@ -79,7 +79,10 @@ def build_net(cfg: DictConfig, dims: dict[str, int], out_dim: int):
                                      dropout=float(mc.tabular.dropout))
     emb = {m: int(b.dim) for m, b in branches.items()}
     fusion = instantiate(cfg.fusion.module, dims=emb, out_dim=out_dim)
-    return SurvivalNet(branches, fusion, modality_dropout=float(cfg.fusion.modality_dropout))
+    linear = ({m: d for m, d in dims.items() if m != "wsi"}
+              if bool(mc.tabular.get("linear", False)) else None)
+    return SurvivalNet(branches, fusion, modality_dropout=float(cfg.fusion.modality_dropout),
+                       linear=linear)
 
 
 def _trainer(cfg: DictConfig, out: Path, split: str):

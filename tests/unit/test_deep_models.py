@@ -98,6 +98,51 @@ def test_modality_dropout_keeps_one_present_modality():
     assert new["clinical"][~both].all()                           # the only modality stays
 
 
+def test_linear_term_adds_a_masked_linear_risk_per_tabular_modality():
+    torch.manual_seed(0)
+    fusion = EarlyFusion({"clinical": 4, "radiomics": 4})
+    net = SurvivalNet({"clinical": TabularMLP(3, 4), "radiomics": TabularMLP(2, 4)}, fusion,
+                      linear={"clinical": 3, "radiomics": 2}).eval()
+    assert set(net.linear) == {"clinical", "radiomics"}
+    assert all(not lin.weight.any() for lin in net.linear.values())   # starts as plain fusion
+    batch = {"clinical": torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]),
+             "radiomics": torch.tensor([[1.0, -1.0], [4.0, 5.0]]),
+             "present": {"clinical": torch.tensor([True, True]),
+                         "radiomics": torch.tensor([True, False])}}
+    base = net(batch)["out"]
+    embs = {m: net.branches[m](batch[m]) for m in ("clinical", "radiomics")}
+    assert torch.allclose(base, fusion(embs, batch["present"]))
+    with torch.no_grad():
+        net.linear["clinical"].weight.copy_(torch.tensor([[1.0, 0.0, -1.0]]))
+        net.linear["radiomics"].weight.copy_(torch.tensor([[2.0, 1.0]]))
+    out = net(batch)["out"]
+    # patient 0: clinical 1 - 3 = -2, radiomics 2 - 1 = 1; patient 1: clinical 0.5 - 2 = -1.5,
+    # radiomics absent (its 2*4 + 5 = 13 must not count)
+    assert torch.allclose(out - base, torch.tensor([[-1.0], [-1.5]]))
+
+
+def test_linear_term_is_only_for_tabular_branches():
+    with pytest.raises(ValueError, match="wsi"):
+        SurvivalNet({"wsi": ABMIL(6, 8, 4)}, LateFusion({"wsi": 8}), linear={"wsi": 6})
+
+
+def test_build_net_adds_linear_terms_from_config():
+    from omegaconf import OmegaConf
+
+    from netsurv.tasks.train_deep import build_net
+
+    cfg = OmegaConf.create({
+        "tabular": {"dim": 4, "hidden": [], "dropout": 0.0, "linear": True},
+        "model": {"mil": {"_target_": "netsurv.models.mil.ABMIL", "dim": 8, "attn_dim": 4}},
+        "fusion": {"module": {"_target_": "netsurv.models.fusion.EarlyFusion", "hidden": 8},
+                   "modality_dropout": 0.0}})
+    net = build_net(cfg, {"clinical": 5, "wsi": 6}, out_dim=3)
+    assert list(net.linear) == ["clinical"]
+    assert net.linear["clinical"].weight.shape == (3, 5)   # one term per output (NLL bins)
+    cfg.tabular.linear = False
+    assert len(build_net(cfg, {"clinical": 5, "wsi": 6}, out_dim=1).linear) == 0
+
+
 def _batch(n, events, d=6, n_tiles=4):
     items = []
     for i in range(n):
