@@ -65,7 +65,16 @@ def main():
     ap.add_argument("--decode-threads", type=int, default=2)
     ap.add_argument("--skip-throughput", action="store_true",
                     help="only the precision / memory-format comparison")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep: glibc keeps freed memory, as the netsurv jobs set it "
+                         "(netsurv.runtime); default: leave malloc alone")
     a = ap.parse_args()
+    if a.malloc == "keep":
+        from netsurv.runtime import keep_freed_memory
+
+        print(f"malloc: keep freed memory (netsurv.runtime) applied={keep_freed_memory()}")
+    else:
+        print("malloc: glibc defaults")
 
     from netsurv.pathology.embed import embed_slide, read_embeddings
     from netsurv.pathology.encoders import build_encoder

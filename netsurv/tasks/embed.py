@@ -195,6 +195,9 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
+    from netsurv.runtime import keep_freed_memory
+
+    keep_freed_memory()  # CPU batches: no page faults on every allocation (see netsurv.runtime)
     from netsurv.cohort.schema import CohortError
     from netsurv.tasks.cohort import resolve_cohort
 

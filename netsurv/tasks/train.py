@@ -116,6 +116,9 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
+    from netsurv.runtime import keep_freed_memory
+
+    keep_freed_memory()  # CPU batches: no page faults on every allocation (see netsurv.runtime)
     out = _run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -316,7 +319,10 @@ def _run(cfg: DictConfig, out: Path) -> dict:
 
 def torch_save(module, path: Path) -> None:
     """Weights of a deep model (the best checkpoint of the split), loadable with
-    ``torch.load(weights_only=True)``; the architecture comes from config.yaml."""
+    ``torch.load(weights_only=True)``; the architecture comes from config.yaml.  With a
+    snapshot ensemble, ``<split>.snapshots.pt`` holds the list of the averaged nets' weights."""
     import torch
 
     torch.save(module.net.state_dict(), path)
+    if getattr(module, "best_snapshots", None):
+        torch.save(module.best_snapshots, path.with_suffix(".snapshots.pt"))

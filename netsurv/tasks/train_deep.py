@@ -162,7 +162,8 @@ def run_split(cfg, split, patients, tab_frames, bags, time, event, meta, out: Pa
     module = SurvivalModule(net, loss=loss, ties=str(cfg.loss.get("ties", "efron")),
                             edges=edges, lr=float(oc.lr), weight_decay=float(oc.weight_decay),
                             select_after=int(oc.get("select_after", 0)),
-                            smooth=int(oc.get("smooth", 1)))
+                            smooth=int(oc.get("smooth", 1)),
+                            snapshots=bool(oc.get("snapshot_ensemble", False)))
 
     def ds(idx, train=False):
         return PatientDataset(idx, patients, bags, X, present, time, event, targets=targets,
@@ -185,13 +186,17 @@ def run_split(cfg, split, patients, tab_frames, bags, time, event, meta, out: Pa
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
         best_epoch = int(state.get("epoch", -1))
-    pred = module.predict_loader(dm.predict_dataloader())
+    if module.best_snapshots:
+        pred = module.predict_snapshots(dm.predict_dataloader(), module.best_snapshots)
+    else:
+        pred = module.predict_loader(dm.predict_dataloader())
     role = np.full(len(patients), "train", dtype=object)
     role[val] = "val"
     role[te] = "test"
     info = {"best_epoch": best_epoch, "epochs": int(trainer.current_epoch),
             "best_val_cindex": float(ckpt.best_model_score) if ckpt.best_model_score is not None
             else None, "eventless_batches": module.eventless_batches,
+            "snapshots": len(module.best_snapshots or []),
             "features": steps.columns_}
     return pred, module, role, edges, info
 

@@ -16,6 +16,8 @@ epoch 0 often "wins"; the window and the warm-up keep the choice on a stable, tr
 """
 from __future__ import annotations
 
+from collections import deque
+
 import lightning as L
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ __all__ = ["SurvivalModule"]
 class SurvivalModule(L.LightningModule):
     def __init__(self, net: torch.nn.Module, loss: str = "cox", ties: str = "efron",
                  edges=None, lr: float = 2e-4, weight_decay: float = 1e-2,
-                 select_after: int = 0, smooth: int = 1):
+                 select_after: int = 0, smooth: int = 1, snapshots: bool = False):
         super().__init__()
         self.net = net
         self.loss_name = canonical_loss(loss)
@@ -40,6 +42,11 @@ class SurvivalModule(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.select_after, self.smooth = int(select_after), max(1, int(smooth))
         self.val_history: list[float] = []
+        # snapshot ensemble: the nets of the ``smooth`` epochs whose mean val C was selected
+        self.snapshots = bool(snapshots)
+        self._window: deque = deque(maxlen=self.smooth)
+        self.best_snapshots: list[dict] | None = None
+        self._best_sel = -np.inf
         self._buf = {"val": [], "test": []}
         self.eventless_batches = 0
 
@@ -98,6 +105,13 @@ class SurvivalModule(L.LightningModule):
             sel = (float(np.mean(self.val_history[-self.smooth:]))
                    if self.current_epoch >= self.select_after else 0.0)
             self.log("val/cindex_smooth", sel, sync_dist=False)
+            if self.snapshots:
+                self._window.append({k: v.detach().to("cpu", copy=True)
+                                     for k, v in self.net.state_dict().items()})
+                # strictly better, as ModelCheckpoint(mode="max") decides
+                if self.current_epoch >= self.select_after and sel > self._best_sel:
+                    self._best_sel = sel
+                    self.best_snapshots = list(self._window)
 
     def on_validation_epoch_end(self):
         self._epoch_end("val")
@@ -107,6 +121,28 @@ class SurvivalModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def predict_snapshots(self, loader, states: list[dict]) -> dict[str, list]:
+        """:meth:`predict_loader` averaged over the nets ``states`` (network outputs and tile
+        attention averaged; risk recomputed from the mean output).  The validation C that
+        chose the epoch is a mean over these same epochs, so their mean prediction is what was
+        selected, with less epoch-to-epoch noise than any single one.  The net's weights are
+        restored afterwards."""
+        keep = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        preds = []
+        try:
+            for st in states:
+                self.net.load_state_dict(st)
+                preds.append(self.predict_loader(loader))
+        finally:
+            self.net.load_state_dict(keep)
+        out = np.mean([p["out"] for p in preds], axis=0)
+        with torch.inference_mode():
+            risk = self.risk(torch.as_tensor(out)).float().numpy()
+        attn = None
+        if preds[0]["attention"] is not None:
+            attn = [np.mean(a, axis=0) for a in zip(*(p["attention"] for p in preds))]
+        return {"pos": preds[0]["pos"], "risk": risk, "out": out, "attention": attn}
 
     # -- inference outside the Trainer (one process; used for predictions and heatmaps) -----
     @torch.inference_mode()

@@ -189,3 +189,48 @@ def test_training_bags_are_subsampled_evaluation_bags_are_full():
     assert tr[0]["wsi"].shape == (8, 3) and ev[0]["wsi"].shape == (50, 3)
     first, second = tr[0]["wsi"], tr[0]["wsi"]
     assert not torch.equal(first, second)   # a new subsample every time
+
+
+def test_snapshot_ensemble_keeps_the_selected_window_and_averages_it():
+    import lightning as L
+
+    torch.manual_seed(0)
+    net = SurvivalNet({"clinical": TabularMLP(3, 4), "wsi": ABMIL(6, 8, 4)},
+                      EarlyFusion({"clinical": 4, "wsi": 8}))
+    mod = SurvivalModule(net, loss="cox", lr=3e-2, select_after=2, smooth=3, snapshots=True)
+    train = [_batch(8, [1, 0, 1, 1, 0, 1, 1, 0]) for _ in range(2)]
+    val = [_batch(8, [1, 1, 0, 1, 0, 1, 1, 1])]
+    states = []
+
+    class Record(L.Callback):  # weights after each epoch's validation, recorded independently
+        def on_train_epoch_end(self, trainer, pl_module):
+            states.append({k: v.clone() for k, v in pl_module.net.state_dict().items()})
+
+    trainer = L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[Record()])
+    def loader(batches):  # ready-made batches, one per step
+        return torch.utils.data.DataLoader(batches, batch_size=None)
+
+    trainer.fit(mod, train_dataloaders=loader(train), val_dataloaders=loader(val))
+    h = mod.val_history
+    assert len(h) == len(states) == 8
+    smooth = [np.mean(h[max(0, e - 2):e + 1]) for e in range(2, 8)]
+    best = 2 + int(np.argmax(smooth))  # first maximum, as ModelCheckpoint(mode="max")
+    assert len(mod.best_snapshots) == 3
+    for snap, ref in zip(mod.best_snapshots, states[best - 2:best + 1]):
+        assert all(torch.equal(snap[k], ref[k]) for k in ref)
+    # ensemble prediction = mean of the three nets' outputs, weights restored afterwards
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    pred = mod.predict_snapshots(loader(val), mod.best_snapshots)
+    outs = []
+    for st in states[best - 2:best + 1]:
+        net.load_state_dict(st)
+        net.eval()
+        with torch.no_grad():
+            outs.append(net(val[0])["out"].numpy())
+    np.testing.assert_allclose(pred["out"], np.mean(outs, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred["risk"], pred["out"][:, 0], rtol=1e-6)
+    assert len(pred["attention"]) == 8 and pred["attention"][3].shape == (7,)
+    net.load_state_dict(before)
+    assert all(torch.equal(mod.net.state_dict()[k], before[k]) for k in before)
