@@ -191,6 +191,7 @@ def test_training_bags_are_subsampled_evaluation_bags_are_full():
     assert not torch.equal(first, second)   # a new subsample every time
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # emitted inside Lightning/torch
 def test_snapshot_ensemble_keeps_the_selected_window_and_averages_it():
     import lightning as L
 
