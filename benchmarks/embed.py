@@ -1,10 +1,10 @@
 """Embedding throughput on one demo slide with the default encoder (efficientnet_lite0_imagenet).
 
-    python benchmarks/embed.py [--tiles 192] [--batch-size 64] [--repeats 2]
+    python benchmarks/embed.py [--tiles 0] [--batch-size 64] [--repeats 2]
                                [--precision-tiles 64] [--encoder efficientnet_lite0_imagenet]
 
 The slide (4096 µm², 0.5 µm/px, tiled JPEG) is generated into a temp folder and tiled with the
-default tiling parameters; the first ``--tiles`` tissue tiles are used.  Prints images/s for
+default tiling parameters; all its tissue tiles are used (or the first ``--tiles``).  Prints images/s for
 
 - model only: ``encoder(x)`` on already preprocessed float tensors in memory (same batches);
 - preprocess + model: uint8 tiles in memory -> ``encoder.preprocess`` -> ``encoder``;
@@ -41,7 +41,7 @@ def make_slide(d: Path, n_tiles: int) -> Path:
         res = tile_slide(s, TILING_DEFAULTS)
         h5 = write_coords(d / "bench.h5", res, s, slide_id="bench")
     with h5py.File(h5, "r+") as f:  # keep the first n_tiles tiles
-        c = f["coords"][:n_tiles]
+        c = f["coords"][:n_tiles] if n_tiles else f["coords"][:]
         attrs = dict(f["coords"].attrs)
         del f["coords"]
         ds = f.create_dataset("coords", data=c)
@@ -58,27 +58,34 @@ def cos_min(a: np.ndarray, b: np.ndarray) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--encoder", default="efficientnet_lite0_imagenet")
-    ap.add_argument("--tiles", type=int, default=192)
+    ap.add_argument("--tiles", type=int, default=0, help="first N tissue tiles (0: all)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precision-tiles", type=int, default=64)
     ap.add_argument("--decode-threads", type=int, default=2)
+    ap.add_argument("--prefetch", type=int, default=None, help="batches read ahead (0: read "
+                    "synchronously between forward passes; default: the job's, 0 on CPU)")
     ap.add_argument("--skip-throughput", action="store_true",
                     help="only the precision / memory-format comparison")
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                    help="keep: glibc keeps freed memory, as the netsurv jobs set it "
+                    help="keep: glibc keeps freed memory, as the embedding job sets it "
                          "(netsurv.runtime); default: leave malloc alone")
     a = ap.parse_args()
-    if a.malloc == "keep":
-        from netsurv.runtime import keep_freed_memory
+    import contextlib
 
-        print(f"malloc: keep freed memory (netsurv.runtime) applied={keep_freed_memory()}")
-    else:
-        print("malloc: glibc defaults")
+    from netsurv.runtime import keep_freed_memory
+
+    with keep_freed_memory() if a.malloc == "keep" else contextlib.nullcontext(False) as on:
+        print(f"malloc: {'keeps freed memory (netsurv.runtime, as the embedding job)' if on else 'glibc defaults'}")
+        run(a)
+
+
+def run(a):
 
     from netsurv.pathology.embed import embed_slide, read_embeddings
     from netsurv.pathology.encoders import build_encoder
     from netsurv.pathology.tiling import TileDataset
+    from netsurv.tasks.embed import default_prefetch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
@@ -107,7 +114,8 @@ def main():
 
         def end_to_end():
             embed_slide(h5, enc, td / "emb.h5", batch_size=bs, num_workers=0,
-                        decode_threads=a.decode_threads)
+                        decode_threads=a.decode_threads,
+                        prefetch=default_prefetch(a.prefetch, enc.device))
 
         variants = {} if a.skip_throughput else {
             "model only": model_only, "preprocess + model": pre_model, "end to end": end_to_end}

@@ -83,6 +83,9 @@ def _thread_batches(ds, batch_size: int, decode_threads: int, prefetch: int, pin
         return
     ds.read(0)  # open the slide handle once, before any concurrent read
     threads = decode_threads if ds.backend == "raw" else 1  # openslide wrapper: one reader
+    if prefetch <= 0:  # synchronous: tiles read in this thread, between forward passes
+        yield from _sync_batches(ds, batch_size, threads, pin)
+        return
     q: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch)))
     stop = threading.Event()
 
@@ -126,6 +129,18 @@ def _thread_batches(ds, batch_size: int, decode_threads: int, prefetch: int, pin
     finally:
         stop.set()
         th.join()
+
+
+def _sync_batches(ds, batch_size: int, threads: int, pin: bool):
+    ex = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        for s in range(0, len(ds), batch_size):
+            idx = range(s, min(len(ds), s + batch_size))
+            tiles = np.stack(list(ex.map(ds.read, idx)) if ex else [ds.read(i) for i in idx])
+            yield s, _to_batch(tiles, pin)
+    finally:
+        if ex is not None:
+            ex.shutdown(wait=True)
 
 
 def _collate_uint8(items):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["shard_info", "shard", "embeddings_dir", "resolve_device", "embed_cohort", "run"]
@@ -144,39 +145,45 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
     n_done = n_skipped = 0
     bar = tqdm(mine.to_dict("records"), desc=f"embed[{rank}/{world}]", unit="slide",
                disable=not bool(ecfg.get("progress", True)))
-    for r in bar:
-        sid = str(r["slide_id"])
-        coords_h5 = tiles_out / f"{sid}.h5"
-        h5 = out / f"{sid}.h5"
-        rec = {"slide_id": sid, "patient_id": r.get("patient_id"), "coords_h5": str(coords_h5),
-               "h5": str(h5), "n_tiles": 0, "status": "", "seconds": 0.0}
-        ts = time.perf_counter()
-        if sid in tiling_fail:
-            rec["status"] = "failed"
-            failures.append({"slide_id": sid, "reason": tiling_fail[sid]})
-        elif is_embedded(h5, encoder, coords_h5):
-            import h5py
+    from netsurv.runtime import keep_freed_memory, release_free_memory
 
-            with h5py.File(h5, "r") as f:
-                rec["n_tiles"] = int(f["features"].shape[0])
-            rec["status"] = "skipped"
-            n_skipped += 1
-        else:
-            bar.set_postfix_str(sid)
-            try:
-                rec["n_tiles"] = embed_slide(
-                    coords_h5, encoder, h5, batch_size, int(ecfg.get("num_workers", 0) or 0),
-                    backend=str(ecfg.get("backend", "auto")),
-                    decode_threads=int(ecfg.get("decode_threads", 2) or 1),
-                    prefetch=int(ecfg.get("prefetch", 2) or 1),
-                    slide_path=r.get("path"), slide_id=sid)
-                rec["status"] = "done"
-                n_done += 1
-            except Exception as e:  # noqa: BLE001 - record and go on with the other slides
+    # the loop's big per-batch tensors are reused instead of page-faulted in afresh
+    # (CPU lite0: 29 -> 65 img/s; netsurv.runtime); freed memory goes back afterwards
+    with keep_freed_memory():
+        for r in bar:
+            sid = str(r["slide_id"])
+            coords_h5 = tiles_out / f"{sid}.h5"
+            h5 = out / f"{sid}.h5"
+            rec = {"slide_id": sid, "patient_id": r.get("patient_id"), "coords_h5": str(coords_h5),
+                   "h5": str(h5), "n_tiles": 0, "status": "", "seconds": 0.0}
+            ts = time.perf_counter()
+            if sid in tiling_fail:
                 rec["status"] = "failed"
-                failures.append({"slide_id": sid, "reason": f"{type(e).__name__}: {e}"})
-        rec["seconds"] = round(time.perf_counter() - ts, 3)
-        rows.append(rec)
+                failures.append({"slide_id": sid, "reason": tiling_fail[sid]})
+            elif is_embedded(h5, encoder, coords_h5):
+                import h5py
+
+                with h5py.File(h5, "r") as f:
+                    rec["n_tiles"] = int(f["features"].shape[0])
+                rec["status"] = "skipped"
+                n_skipped += 1
+            else:
+                bar.set_postfix_str(sid)
+                try:
+                    rec["n_tiles"] = embed_slide(
+                        coords_h5, encoder, h5, batch_size, int(ecfg.get("num_workers", 0) or 0),
+                        backend=str(ecfg.get("backend", "auto")),
+                        decode_threads=int(ecfg.get("decode_threads", 2) or 1),
+                        prefetch=default_prefetch(ecfg.get("prefetch"), encoder.device),
+                        slide_path=r.get("path"), slide_id=sid)
+                    rec["status"] = "done"
+                    n_done += 1
+                except Exception as e:  # noqa: BLE001 - record and go on with the other slides
+                    rec["status"] = "failed"
+                    failures.append({"slide_id": sid, "reason": f"{type(e).__name__}: {e}"})
+            rec["seconds"] = round(time.perf_counter() - ts, 3)
+            rows.append(rec)
+            release_free_memory()  # bounded RSS: reuse within a slide, not across the cohort
 
     suffix = "" if world == 1 else f".rank{rank}"
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
@@ -194,10 +201,15 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
             "seconds": secs, "index": index, "failures": fails}
 
 
-def run(cfg: DictConfig) -> dict:
-    from netsurv.runtime import keep_freed_memory
+def default_prefetch(value, device) -> int:
+    """``None`` -> 0 on CPU (tiles read between forward passes: the model already uses every
+    core, and a reader thread beside it measured 0.86 vs 0.91 of model-only), 2 on GPU."""
+    if value is not None:
+        return int(value)
+    return 0 if torch.device(device).type == "cpu" else 2
 
-    keep_freed_memory()  # CPU batches: no page faults on every allocation (see netsurv.runtime)
+
+def run(cfg: DictConfig) -> dict:
     from netsurv.cohort.schema import CohortError
     from netsurv.tasks.cohort import resolve_cohort
 

@@ -204,9 +204,6 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
 
 
 def run(cfg: DictConfig) -> dict:
-    from netsurv.runtime import keep_freed_memory
-
-    keep_freed_memory()  # CPU batches: no page faults on every allocation (see netsurv.runtime)
     from netsurv.tasks.cohort import resolve_cohort
 
     t0 = time.perf_counter()

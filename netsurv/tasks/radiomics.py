@@ -31,9 +31,6 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = True) -> tuple[pd.
 
 
 def run(cfg: DictConfig) -> dict:
-    from netsurv.runtime import keep_freed_memory
-
-    keep_freed_memory()  # CPU batches: no page faults on every allocation (see netsurv.runtime)
     from netsurv.tasks.cohort import resolve_cohort
 
     cohort = resolve_cohort(cfg.data)

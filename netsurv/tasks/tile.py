@@ -141,9 +141,6 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
 
 
 def run(cfg: DictConfig) -> dict:
-    from netsurv.runtime import keep_freed_memory
-
-    keep_freed_memory()  # CPU batches: no page faults on every allocation (see netsurv.runtime)
     from netsurv.cohort.schema import CohortError
     from netsurv.tasks.cohort import resolve_cohort
 

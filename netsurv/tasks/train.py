@@ -116,9 +116,6 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
-    from netsurv.runtime import keep_freed_memory
-
-    keep_freed_memory()  # CPU batches: no page faults on every allocation (see netsurv.runtime)
     out = _run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(record=True) as caught:

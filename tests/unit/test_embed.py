@@ -87,6 +87,14 @@ def test_layout_attrs_and_equal_to_direct_call(wsi, encoder, tmp_path):
     assert a2["tile_backend"] == "openslide"
     cos = (f2 * feats).sum(1) / np.linalg.norm(f2, axis=1) / np.linalg.norm(feats, axis=1)
     assert cos.min() > 0.99
+    # synchronous reading (prefetch=0, the CPU default) gives the very same embeddings
+    out3 = tmp_path / "s0-sync.h5"
+    embed_slide(h5c, encoder, out3, batch_size=5, num_workers=0, prefetch=0)
+    np.testing.assert_array_equal(read_embeddings(out3)[0], feats)
+    from netsurv.tasks.embed import default_prefetch
+
+    assert default_prefetch(None, "cpu") == 0 and default_prefetch(None, "cuda") == 2
+    assert default_prefetch(3, "cpu") == 3
     assert not list(tmp_path.glob(".*.tmp"))
 
 
