@@ -99,22 +99,16 @@ def _thread_batches(ds, batch_size: int, decode_threads: int, prefetch: int, pin
         return False
 
     def producer():
-        ex = ThreadPoolExecutor(threads) if threads > 1 else None
+        batches = _sync_batches(ds, batch_size, threads, pin)
         try:
-            for s in range(0, n, batch_size):
-                idx = range(s, min(n, s + batch_size))
-                if ex is not None:
-                    tiles = np.stack(list(ex.map(ds.read, idx)))
-                else:
-                    tiles = np.stack([ds.read(i) for i in idx])
-                if not put((s, _to_batch(tiles, pin))):
+            for item in batches:
+                if not put(item):
                     return
             put(_END)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             put(e)
         finally:
-            if ex is not None:
-                ex.shutdown(wait=True)
+            batches.close()  # shuts its decode pool down
 
     th = threading.Thread(target=producer, name="tile-prefetch", daemon=True)
     th.start()
