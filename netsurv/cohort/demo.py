@@ -1,4 +1,4 @@
-"""Synthetic demo cohort with known ground-truth risk (DESIGN.md §3).
+"""Synthetic demo cohort with known ground-truth risk (a cohort folder like a user's).
 
 Generative model, per patient:
 - clinical: age, sex, smoking, WHO histology (typical/atypical carcinoid, LCNEC, SCLC) and stage;

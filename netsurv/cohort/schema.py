@@ -1,4 +1,4 @@
-"""Load and validate a cohort folder (DESIGN.md §3).
+"""Load and validate a cohort folder (the contract is in the README, 'Your own cohort').
 
 Every error names the file, the row (1-based line number in the CSV, header = line 1) or patient,
 and the column, and says how to fix it, because cohort tables are hand-edited by users and a
@@ -70,7 +70,7 @@ def _require_columns(df: pd.DataFrame, required, path: Path) -> None:
     if missing:
         raise CohortError(
             f"{path}: missing required column(s) {missing}; found columns {list(df.columns)}. "
-            f"Add the column(s) (see DESIGN.md §3: {list(required)})."
+            f"Add the column(s) (required: {list(required)}; see the README, 'Your own cohort')."
         )
 
 

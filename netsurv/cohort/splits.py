@@ -1,4 +1,4 @@
-"""Patient-level evaluation splits (DESIGN.md §5): stratified by event, recorded by name."""
+"""Patient-level evaluation splits: stratified by event, recorded by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass

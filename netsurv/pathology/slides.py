@@ -1,7 +1,7 @@
 """Whole-slide image access with an explicit µm/px chain and exact-resolution reads.
 
 ``open_slide(path, mpp_override=None)`` returns a :class:`SlideReader`.  Coordinates are
-always level-0 pixels (DESIGN.md §5).  The level-0 resolution (``mpp``, µm per pixel) is
+always level-0 pixels.  The level-0 resolution (``mpp``, µm per pixel) is
 resolved, in order, from
 
 1. ``mpp_override`` (slides.csv ``mpp`` column or ``tiling.mpp_override``)  -> "override"

@@ -41,7 +41,7 @@ class RunData:
 
 
 def load_run(run_dir, cohort_root=None) -> RunData:
-    """Read what a training run wrote (DESIGN.md §4) and join the endpoint from its cohort.
+    """Read what a training run wrote and join the endpoint from its cohort.
 
     Nothing here raises for a missing optional file: what could not be read is listed in
     ``RunData.problems``. ``cohort_root`` overrides ``data.root`` of the run's config.yaml.

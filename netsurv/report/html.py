@@ -1,6 +1,6 @@
 """A self-contained HTML report of one training run (figures embedded as base64 PNG).
 
-``write_report(run_dir)`` reads what the run wrote (DESIGN.md §4) and writes
+``write_report(run_dir)`` reads what the run wrote and writes
 ``<run_dir>/report.html`` (and the figures as PNG under ``<run_dir>/figures/``). A missing
 optional input (hazard_ratios.csv, attention.h5, truth.csv, ...) omits its section; a figure that
 fails becomes one error line in the report, never an exception.

@@ -180,7 +180,7 @@ class TimeBins:
     ``LabTransDiscreteTime(n_bins, scheme=...)`` so fitted edges and indices match it.
 
     Edges (``edges_``, also the model's output size ``n_bins_ = len(edges_)``):
-      * ``scheme="event_quantiles"`` (default, DESIGN.md §5): 0, then the quantiles at
+      * ``scheme="event_quantiles"`` (default): 0, then the quantiles at
         ``linspace(0, 1, n_bins)[1:-1]`` of the training split's UNCENSORED times, then the maximum
         training time; censored times only set the horizon. Duplicates removed (with a warning).
       * ``scheme="quantiles"`` (pycox's rule, kept for parity): fit the Kaplan-Meier curve on the TRAINING split and

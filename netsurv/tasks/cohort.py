@@ -19,7 +19,7 @@ def resolve_cohort(data_cfg: DictConfig, *, force: bool = False) -> Cohort:
         make_demo_cohort(root, force=force, **kwargs)
     elif not (root / "clinical.csv").is_file():
         raise CohortError(
-            f"{root}: no clinical.csv; point data.root at a cohort folder (DESIGN.md §3) "
+            f"{root}: no clinical.csv; point data.root at a cohort folder (see the README's 'Your own cohort') "
             "or use data=demo"
         )
     return load_cohort(root)

@@ -1,6 +1,6 @@
 """Training task: fit and evaluate a survival model over the evaluation protocol's splits.
 
-Writes into the run directory (DESIGN.md §4): ``metrics.json``, ``predictions.csv``,
+Writes into the run directory: ``metrics.json``, ``predictions.csv``,
 ``selected_features.csv``, ``inner_search.csv``, ``hazard_ratios.csv`` (CoxPH), ``warnings.log``,
 the resolved ``config.yaml`` and the fitted pipeline of every split (``models/<split>.joblib``).
 """
