@@ -144,9 +144,11 @@ def make_trainer(cfg: DictConfig, out: Path, split: str, ckdir: Path):
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     oc = cfg.optim
     ckpt = ModelCheckpoint(dirpath=ckdir, filename="best", monitor="val/cindex_smooth",
-                           mode="max", save_top_k=1, save_last=True,
-                           enable_version_counter=False)
-    callbacks = [ckpt]
+                           mode="max", save_top_k=1, enable_version_counter=False)
+    # the latest epoch, for resuming (save_last=True writes only when "best" changes)
+    latest = ModelCheckpoint(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
+                             every_n_epochs=1, enable_version_counter=False)
+    callbacks = [ckpt, latest]
     if oc.patience:
         callbacks.append(EarlyStopping(monitor="val/cindex_smooth", mode="max",
                                        patience=int(oc.patience)))
