@@ -16,7 +16,7 @@ device): a Trainer that would launch its own processes is refused.
 
 Resume: ``<run>/checkpoints/<split>/last.ckpt`` (every epoch) or a SLURM ``hpc_ckpt_*.ckpt``
 (Lightning's signal handler), whichever is newer, continues an interrupted fit when the split's
-key (config + patients + split) matches ``<run>/checkpoints/<split>/KEY``.
+key (config + patients + split) matches ``<run>/checkpoints/<split>.key``.
 """
 from __future__ import annotations
 
@@ -178,13 +178,13 @@ def _check_processes(trainer) -> None:
 def _resume_path(ckdir: Path, key: str) -> str | None:
     """The newest resumable checkpoint of this split (rank 0 decides; same key only).
     Checkpoints of another key (the config changed) are removed."""
-    keyfile = ckdir / "KEY"
+    keyfile = ckdir.with_name(f"{ckdir.name}.key")  # beside: Lightning wants an empty dir
     cands = [p for p in [ckdir / "last.ckpt", *ckdir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
     if keyfile.is_file() and keyfile.read_text().strip() == key:
         return str(max(cands, key=lambda p: p.stat().st_mtime)) if cands else None
     if ckdir.exists():
         shutil.rmtree(ckdir)
-    ckdir.mkdir(parents=True, exist_ok=True)
+    ckdir.parent.mkdir(parents=True, exist_ok=True)
     keyfile.write_text(key + "\n")
     return None
 
@@ -283,6 +283,8 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
         warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")  # torch/lightning internal
         # val/cindex is computed on the gathered set: equal on every rank, nothing to reduce
         warnings.filterwarnings("ignore", ".*sync_dist=True.*when logging on epoch level.*")
+        if resume:  # the folder holds the checkpoint we resume from
+            warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
     device = trainer.strategy.root_device
     best_epoch = None
