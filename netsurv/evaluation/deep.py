@@ -239,7 +239,8 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
     loss = canonical_loss(cfg.loss.name)
     edges = targets = None
     if loss == "nll":
-        bins = TimeBins(int(cfg.loss.n_bins), scheme=str(cfg.loss.scheme)).fit(time[fit], event[fit])
+        bins = TimeBins(int(cfg.loss.n_bins), scheme=str(cfg.loss.scheme)).fit(time[fit],
+                                                                              event[fit])
         edges = bins.edges_
         targets = bins.transform(time, event)
     feat_dim = bag_dim(data.bags)

@@ -13,8 +13,8 @@ the averaged gradient equal those of one process on the same batch; the NLL is a
 the global batch.
 
 Validation / test C-index is computed once per epoch on all patients of the set (each on
-exactly one process, gathered without padding), logged as ``val/cindex`` and ``test/cindex``. Model selection
-(checkpoint, early stopping) monitors ``val/cindex_smooth``: the mean ``val/cindex`` of the last
+exactly one process, gathered without padding), logged as ``val/cindex`` and ``test/cindex``.
+Model selection (checkpoint, early stopping) monitors ``val/cindex_smooth``: the mean ``val/cindex`` of the last
 ``smooth`` epochs, reported as 0 before epoch ``select_after``. With the few validation patients
 of a small cohort the raw C-index of one epoch is noisy enough that an untrained network at
 epoch 0 often "wins"; the window and the warm-up keep the choice on a stable, trained model.
