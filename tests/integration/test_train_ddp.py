@@ -204,3 +204,14 @@ def test_torchrun_deep_run_matches_one_process_and_only_rank0_writes(tmp_path):
         for p in f2["seed0"]:
             np.testing.assert_allclose(f2[f"seed0/{p}/attention"][:],
                                        f1[f"seed0/{p}/attention"][:], atol=1e-4)
+
+
+def test_trainer_wanting_more_processes_than_the_job_has_is_refused(clinical_cohort, tmp_path):
+    """Lightning would start copies of the whole script itself (each redoing the stages);
+    the runner asks for one process per device from the launcher instead."""
+    cfg = _cfg(["experiment=clinical", "data=cohort", f"data.root={clinical_cohort}",
+                "evaluation.seeds=[0]", "optim.max_epochs=1", "report=false", *DDP2,
+                "data.clinical.categorical=[sex,smoking,histology,stage]",
+                f"+output_dir={tmp_path / 'r'}"])
+    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
+        run(cfg)
