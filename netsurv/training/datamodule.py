@@ -196,30 +196,66 @@ def collate_patients(items: list[dict]) -> dict:
 
 
 class SurvivalDataModule(L.LightningDataModule):
-    """Fit / validation / test patient datasets of one evaluation split."""
+    """Fit / validation / test / all-patients datasets of one evaluation split.
 
-    def __init__(self, datasets: dict[str, PatientDataset], batch_size: int = 32,
-                 eval_batch_size: int = 64, seed: int = 0):
+    ``batch_size`` is the GLOBAL number of patients per optimiser step: under DDP every rank
+    takes its part of the same global batches (:class:`netsurv.training.ddp.GlobalBatchSampler`),
+    so the Cox risk sets and the batches do not depend on the number of processes.  Evaluation
+    sets are sharded ``rank::world_size`` without padding (every patient counted once).
+    ``eval_batch_sampler``: optional ``callable(dataset, positions) -> iterable of lists of
+    dataset positions`` that cuts a rank's evaluation patients into batches (e.g. bounded by a
+    tile budget); default: ``eval_batch_size`` patients per batch.
+
+    The loaders carry their own sampling, so the Trainer must not replace it
+    (``use_distributed_sampler=False``; the runner sets it).
+    """
+
+    def __init__(self, datasets: dict, batch_size: int = 32, eval_batch_size: int = 64,
+                 seed: int = 0, eval_batch_sampler=None, num_workers: int = 0):
         super().__init__()
         self.datasets = datasets
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.eval_batch_sampler = eval_batch_sampler
+        self.num_workers = int(num_workers)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        from netsurv.training.ddp import rank_world
+
+        return rank_world()
 
     def train_dataloader(self):
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.datasets["fit"], batch_size=self.batch_size, shuffle=True,
-                          generator=g, collate_fn=collate_patients)
+        from netsurv.training.ddp import GlobalBatchSampler
 
-    def _eval(self, name):
-        return DataLoader(self.datasets[name], batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=collate_patients)
+        rank, world = self._rank_world()
+        sampler = GlobalBatchSampler(len(self.datasets["fit"]), self.batch_size, rank=rank,
+                                     world_size=world, seed=self.seed)
+        return DataLoader(self.datasets["fit"], batch_sampler=sampler,
+                          collate_fn=collate_patients, num_workers=self.num_workers)
+
+    def eval_dataloader(self, name: str, rank: int | None = None, world: int | None = None):
+        """This rank's share of the evaluation set ``name`` (fit / val / test / all)."""
+        from netsurv.training.ddp import eval_batches, eval_shard
+
+        if rank is None or world is None:
+            rank, world = self._rank_world()
+        ds = self.datasets[name]
+        shard = eval_shard(len(ds), rank, world)
+        if self.eval_batch_sampler is not None:
+            batches = list(self.eval_batch_sampler(ds, shard))
+        else:
+            batches = eval_batches(shard, self.eval_batch_size)
+        return DataLoader(ds, batch_sampler=batches, collate_fn=collate_patients,
+                          num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return self._eval("val")
+        return self.eval_dataloader("val")
 
     def test_dataloader(self):
-        return self._eval("test")
+        return self.eval_dataloader("test")
 
     def predict_dataloader(self):
-        return self._eval("all")
+        return self.eval_dataloader("all")

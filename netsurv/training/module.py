@@ -7,12 +7,20 @@ counted in ``train/eventless_batches``). ``loss="nll"``: the network outputs one
 per time bin (edges fitted on the fit rows' uncensored times) and the risk used for the C-index
 is minus the restricted mean survival time.
 
-Validation / test C-index is computed once per epoch on all patients of the set (gathered
-across processes under DDP), logged as ``val/cindex`` and ``test/cindex``. Model selection
-(checkpoint, early stopping) monitors ``val/cindex_smooth``: the mean ``val/cindex`` of the last
+Under DDP (several processes) the Cox risk sets are those of the *global* batch (risk, time
+and event gathered across ranks with gradients; :mod:`netsurv.training.ddp`), so the loss and
+the averaged gradient equal those of one process on the same batch; the NLL is averaged over
+the global batch.
+
+Validation / test C-index is computed once per epoch on all patients of the set (each on
+exactly one process, gathered without padding), logged as ``val/cindex`` and ``test/cindex``.
+Model selection (checkpoint, early stopping) monitors ``val/cindex_smooth``: the mean ``val/cindex`` of the last
 ``smooth`` epochs, reported as 0 before epoch ``select_after``. With the few validation patients
 of a small cohort the raw C-index of one epoch is noisy enough that an untrained network at
 epoch 0 often "wins"; the window and the warm-up keep the choice on a stable, trained model.
+
+That selection state (validation history, the snapshot window and the selected snapshots) is
+saved in Lightning checkpoints, so a run resumed from ``last.ckpt`` continues it.
 """
 from __future__ import annotations
 
@@ -22,12 +30,11 @@ import lightning as L
 import numpy as np
 import torch
 
-from netsurv.survival.losses import (canonical_loss, cox_ph_loss_with_flag, nll_logistic_hazard,
-                                     risk_from_logits)
+from netsurv.survival.losses import canonical_loss, risk_from_logits
 from netsurv.survival.metrics import MetricError, harrell_cindex
+from netsurv.training.ddp import gather_cat, global_cox_loss, global_nll_loss
 
 __all__ = ["SurvivalModule"]
-
 
 
 class SurvivalModule(L.LightningModule):
@@ -60,20 +67,23 @@ class SurvivalModule(L.LightningModule):
         return self.net(batch)
 
     def _loss(self, out, batch):
+        """(loss of the global batch, whether it has an event, global batch size); in one
+        process the global batch is this batch."""
         if self.loss_name == "cox":
-            loss, has_event = cox_ph_loss_with_flag(out[:, 0], batch["time"], batch["event"],
-                                                    ties=self.ties)
-            return loss, has_event
-        return nll_logistic_hazard(out, batch["bin"], batch["bin_event"]), True
+            return global_cox_loss(out[:, 0], batch["time"], batch["event"], ties=self.ties)
+        loss, n = global_nll_loss(out, batch["bin"], batch["bin_event"])
+        return loss, True, n
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         out = self.net(batch)["out"]
-        loss, has_event = self._loss(out, batch)
+        loss, has_event, n = self._loss(out, batch)
         if not has_event:
             self.eventless_batches += 1
-        self.log("train/loss", loss, batch_size=len(batch["time"]), on_epoch=True,
-                 on_step=False)
+        # Cox: the same global value on every rank; NLL: rank shares whose mean is the global
+        # mean, hence sync_dist (a no-op in one process)
+        self.log("train/loss", loss, batch_size=n, on_epoch=True, on_step=False,
+                 sync_dist=self.loss_name != "cox")
         return loss
 
     def _eval_step(self, stage, batch):
@@ -88,13 +98,15 @@ class SurvivalModule(L.LightningModule):
         self._eval_step("test", batch)
 
     def _epoch_end(self, stage):
-        if not self._buf[stage]:
-            return
-        risk, time, event = (torch.cat(x) for x in zip(*self._buf[stage]))
+        if self._buf[stage]:
+            risk, time, event = (torch.cat(x) for x in zip(*self._buf[stage]))
+        else:  # a rank without patients of this set still takes part in the gather
+            risk = time = event = torch.zeros(0, device=self.device)
         self._buf[stage].clear()
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # DistributedSampler pads with repeated patients; duplicates shift C only slightly
-            risk, time, event = (self.all_gather(x).reshape(-1) for x in (risk, time, event))
+        # every patient is on exactly one rank (no padding): the gathered set is the whole set
+        risk, time, event = (gather_cat(x) for x in (risk, time, event))
+        if len(risk) == 0:
+            return
         try:
             c = harrell_cindex(time.cpu().numpy(), event.cpu().numpy(), risk.cpu().numpy())
         except MetricError:  # no comparable pair in this set: uninformative
@@ -118,6 +130,23 @@ class SurvivalModule(L.LightningModule):
 
     def on_test_epoch_end(self):
         self._epoch_end("test")
+
+    # -- selection state in checkpoints (resume from last.ckpt continues the same choice) ----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["netsurv_selection"] = {
+            "val_history": list(self.val_history), "window": list(self._window),
+            "best_snapshots": self.best_snapshots, "best_sel": float(self._best_sel),
+            "eventless_batches": int(self.eventless_batches)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        st = checkpoint.get("netsurv_selection")
+        if st is None:
+            return
+        self.val_history = list(st["val_history"])
+        self._window = deque(st["window"], maxlen=self.smooth)
+        self.best_snapshots = st["best_snapshots"]
+        self._best_sel = float(st["best_sel"])
+        self.eventless_batches = int(st["eventless_batches"])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -144,20 +173,31 @@ class SurvivalModule(L.LightningModule):
             attn = [np.mean(a, axis=0) for a in zip(*(p["attention"] for p in preds))]
         return {"pos": preds[0]["pos"], "risk": risk, "out": out, "attention": attn}
 
-    # -- inference outside the Trainer (one process; used for predictions and heatmaps) -----
+    # -- inference outside the Trainer (predictions and heatmaps; on the module's device) ----
     @torch.inference_mode()
     def predict_loader(self, loader) -> dict[str, list]:
+        """Outputs for the patients of ``loader`` (this process's share under DDP; the caller
+        gathers).  Batches are moved to the module's device, results come back to the CPU."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
         self.eval()
         res = {"pos": [], "risk": [], "out": [], "attention": []}
         for batch in loader:
+            batch = move_data_to_device(batch, self.device)
             o = self.net(batch)
-            res["pos"].append(batch["pos"].numpy())
-            res["risk"].append(self.risk(o["out"]).float().numpy())
-            res["out"].append(o["out"].float().numpy())
+            res["pos"].append(batch["pos"].cpu().numpy())
+            res["risk"].append(self.risk(o["out"]).float().cpu().numpy())
+            res["out"].append(o["out"].float().cpu().numpy())
             if o["attention"] is not None:
                 mask = batch["wsi_mask"]
                 for b in range(len(batch["pos"])):
-                    res["attention"].append(o["attention"][b][mask[b]].float().numpy())
+                    res["attention"].append(o["attention"][b][mask[b]].float().cpu().numpy())
+        if not res["pos"]:  # no patient on this process
+            return {"pos": np.zeros(0, np.int64), "risk": np.zeros(0, np.float32),
+                    "out": np.zeros((0, self._out_dim()), np.float32), "attention": None}
         return {"pos": np.concatenate(res["pos"]), "risk": np.concatenate(res["risk"]),
                 "out": np.concatenate(res["out"]),
                 "attention": res["attention"] or None}
+
+    def _out_dim(self) -> int:
+        return 1 if self.loss_name == "cox" else len(self.edges)

@@ -1,0 +1,9 @@
+"""Evaluation: the split loop over a cohort, with classical and deep split-fitters.
+
+- :mod:`.runner`     ``run(cfg)``: stages -> splits -> per-split fit -> metrics and run outputs
+                     (rank 0 writes; finished splits persisted and reused on a rerun)
+- :mod:`.inputs`     modality tables (running the radiomics / pathomics stages), ComBat steps
+- :mod:`.classical`  CoxNet / CoxPH pipelines, one split at a time
+- :mod:`.deep`       Lightning training of MIL / tabular / fusion networks, one split at a time
+- :mod:`.records`    finished-split records (``<run>/splits/<split>.json``) and config hashes
+"""

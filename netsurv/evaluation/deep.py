@@ -1,0 +1,394 @@
+"""Deep split-fitter: multimodal survival networks trained with Lightning, one split at a time.
+
+Per split (patients by position; nothing fitted sees the test patients):
+  training split -> stratified fit / inner-validation patients (``optim.val_fraction``);
+  tabular feature steps and time bins fitted on the fit patients;
+  Lightning trains the network, early stopping and checkpoint choice on ``val/cindex_smooth``;
+  the best checkpoint (or snapshot ensemble) predicts every patient on the training device
+  (``role`` = train / val / test in predictions.csv), and for MIL models the test patients'
+  tile attention goes to ``attention.h5``.
+
+Several processes (torchrun, or the tasks of a SLURM step): every rank runs this function for
+every split; Lightning's DDP trains one model (global batches, global Cox risk sets:
+:mod:`netsurv.training.ddp`); prediction is sharded over the ranks and gathered on rank 0,
+which alone returns the results.  The processes must exist from the start of the job (one per
+device): a Trainer that would launch its own processes is refused.
+
+Resume: ``<run>/checkpoints/<split>/last.ckpt`` (every epoch) or a SLURM ``hpc_ckpt_*.ckpt``
+(Lightning's signal handler), whichever is newer, continues an interrupted fit when the split's
+key (config + patients + split) matches ``<run>/checkpoints/<split>.key``.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from netsurv.evaluation.inputs import make_harmonizer
+from netsurv.evaluation.records import RunData, SplitFit
+from netsurv.features.select import UnivariateCoxSelector
+
+log = logging.getLogger(__name__)
+
+
+class ImagingSteps:
+    """A feature-table modality for deep models: ImagingBlock (invalid columns, imputation,
+    scaling, optional ComBat, correlation filter) then the top-k univariate Cox features; small
+    cohorts cannot feed hundreds of radiomics features to a network."""
+
+    def __init__(self, block, k, meta=None):
+        self.block, self.k, self.meta = block, k, meta
+
+    def fit_transform(self, X: pd.DataFrame, y) -> pd.DataFrame:
+        Z = self.block.fit_transform(X, y, self.meta)
+        k = "all" if self.k in (None, "all") else min(int(self.k), Z.shape[1])
+        self.sel_ = UnivariateCoxSelector(k=k, min_events_per_feature=None).fit(Z, y)
+        return self.sel_.transform(Z)
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        return self.sel_.transform(self.block.transform(X, self.meta))
+
+
+# --------------------------------------------------------------------------------------------
+# Bag access: the only places that know how tile-embedding bags are stored.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TileMeta:
+    """What attention.h5 records about a patient's tiles (format: netsurv.report.heatmap)."""
+
+    coords: np.ndarray
+    slide: np.ndarray
+    slide_ids: list[str]
+    patch_size_level0: list[int]
+    read_mpp: float
+    n_tiles: int
+
+
+def load_wsi(cohort, cfg: DictConfig, patients):
+    """(bags, embedding summary) of the cohort's slides: the embedding stage (tiles and embeds
+    the slides without cached output; sharded over the ranks, same result on each), then the
+    patients' bags."""
+    from netsurv.cohort.schema import CohortError
+    from netsurv.tasks.embed import embed_cohort
+    from netsurv.training.datamodule import load_bags
+
+    if cohort.slides is None or len(cohort.slides) == 0:
+        raise CohortError(f"{cohort.root}: modality 'wsi' needs slides.csv")
+    res = embed_cohort(cohort, cfg)
+    if res["n_failed"]:
+        warnings.warn(f"{res['n_failed']} slide(s) failed tiling/embedding: see "
+                      f"{res['out']}/failures.csv", UserWarning)
+    log.info("embeddings: %s (%d new, %d reused, %.1f s)", res["out"], res["n_done"],
+             res["n_skipped"], res["seconds"])
+    bags, _ = load_bags(cohort.slides, res["out"], patients)
+    return bags, res
+
+
+def bag_patients(bags) -> set[str]:
+    return set() if bags is None else set(bags)
+
+
+def bag_dim(bags) -> int:
+    return next(iter(bags.values())).features.shape[1] if bags else 0
+
+
+def tile_meta(bags, patient: str) -> TileMeta | None:
+    bag = bags.get(patient) if bags is not None else None
+    if bag is None:
+        return None
+    return TileMeta(bag.coords, bag.slide, list(bag.slide_ids), list(bag.patch_size_level0),
+                    float(bag.read_mpp), len(bag.features))
+
+
+def eval_batch_sampler(cfg: DictConfig, bags):
+    """How evaluation patients are cut into batches (None: ``optim.eval_batch_size`` each)."""
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+def build_net(cfg: DictConfig, dims: dict[str, int], out_dim: int):
+    from netsurv.models.fusion import SurvivalNet, TabularMLP
+
+    branches = {}
+    for m, d in dims.items():
+        if m == "wsi":
+            branches[m] = instantiate(cfg.model.mil, in_dim=d)
+        else:
+            branches[m] = TabularMLP(d, dim=int(cfg.tabular.dim), hidden=list(cfg.tabular.hidden),
+                                     dropout=float(cfg.tabular.dropout))
+    emb = {m: int(b.dim) for m, b in branches.items()}
+    fusion = instantiate(cfg.fusion.module, dims=emb, out_dim=out_dim)
+    linear = ({m: d for m, d in dims.items() if m != "wsi"}
+              if bool(cfg.tabular.get("linear", False)) else None)
+    return SurvivalNet(branches, fusion, modality_dropout=float(cfg.fusion.modality_dropout),
+                       linear=linear)
+
+
+def make_trainer(cfg: DictConfig, out: Path, split: str, ckdir: Path):
+    """(Trainer, best-checkpoint callback) of one split; ``last.ckpt`` every epoch for resume,
+    ``default_root_dir`` = the split's checkpoint folder (where Lightning's SLURM handler
+    puts ``hpc_ckpt_*.ckpt``)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    # Lightning's banner (GPU/TPU availability, tips) would repeat once per split
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    oc = cfg.optim
+    ckpt = ModelCheckpoint(dirpath=ckdir, filename="best", monitor="val/cindex_smooth",
+                           mode="max", save_top_k=1, enable_version_counter=False)
+    # the latest epoch, for resuming (save_last=True writes only when "best" changes)
+    latest = ModelCheckpoint(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
+                             every_n_epochs=1, enable_version_counter=False)
+    callbacks = [ckpt, latest]
+    if oc.patience:
+        callbacks.append(EarlyStopping(monitor="val/cindex_smooth", mode="max",
+                                       patience=int(oc.patience)))
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.pop("_target_", None)
+    # the data module shards and batches for every rank itself (global batches, no padding)
+    kwargs["use_distributed_sampler"] = False
+    trainer = L.Trainer(max_epochs=int(oc.max_epochs), min_epochs=int(oc.get("min_epochs", 0)),
+                        callbacks=callbacks, logger=CSVLogger(out / "logs", name=split, version=""),
+                        default_root_dir=ckdir, **kwargs)
+    return trainer, ckpt
+
+
+def _check_processes(trainer) -> None:
+    from netsurv.distributed import dist_env
+
+    env = dist_env()
+    if trainer.world_size != env.world_size:
+        raise RuntimeError(
+            f"the trainer uses {trainer.world_size} process(es) (trainer.devices x "
+            f"trainer.num_nodes) but this job has {env.world_size} ({env.source}): start one "
+            "process per device, e.g. `torchrun --nproc_per_node=K scripts/train.py trainer=ddp "
+            "trainer.devices=K ...` or a SLURM job with tasks_per_node=K "
+            "(hydra/launcher=slurm), or use trainer.devices=1")
+
+
+def _resume_path(ckdir: Path, key: str) -> str | None:
+    """The newest resumable checkpoint of this split (rank 0 decides; same key only).
+    Checkpoints of another key (the config changed) are removed."""
+    keyfile = ckdir.with_name(f"{ckdir.name}.key")  # beside: Lightning wants an empty dir
+    cands = [p for p in [ckdir / "last.ckpt", *ckdir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    if keyfile.is_file() and keyfile.read_text().strip() == key:
+        return str(max(cands, key=lambda p: p.stat().st_mtime)) if cands else None
+    if ckdir.exists():
+        shutil.rmtree(ckdir)
+    ckdir.parent.mkdir(parents=True, exist_ok=True)
+    keyfile.write_text(key + "\n")
+    return None
+
+
+def discard_resume_state(out: Path, split: str) -> None:
+    """After a split is committed its resume checkpoints are no longer needed (rank 0)."""
+    ckdir = Path(out) / "checkpoints" / split
+    for p in [ckdir / "last.ckpt", *ckdir.glob("hpc_ckpt_*.ckpt")]:
+        p.unlink(missing_ok=True)
+
+
+def gather_to_zero(obj) -> list | None:
+    """[obj of each rank] on rank 0, None elsewhere; [obj] in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    box = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
+def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
+    """Train on one split (all ranks); the results on rank 0, None on the other ranks."""
+    import lightning as L
+
+    from netsurv.distributed import broadcast_object, dist_env
+    from netsurv.models.classical import ImagingBlock
+    from netsurv.survival.losses import TimeBins, canonical_loss
+    from netsurv.training.datamodule import (PatientDataset, SurvivalDataModule, TabularSteps,
+                                             inner_split)
+    from netsurv.training.module import SurvivalModule
+
+    cfg, patients, time, event = data.cfg, data.patients, data.time, data.event
+    env = dist_env()
+    oc = cfg.optim
+    seed = int(cfg.seed)
+    L.seed_everything(seed, workers=True, verbose=False)
+    tr, te = split.train, split.test
+    f_rel, v_rel = inner_split(event[tr], float(oc.val_fraction), seed)
+    fit, val = tr[f_rel], tr[v_rel]
+
+    def make_steps(m):
+        if m == "clinical":
+            return instantiate(cfg.clinical_encoder)
+        block = ImagingBlock(harmonizer=make_harmonizer(cfg, m, data.meta),
+                             corr_threshold=cfg.selection.corr_threshold)
+        return ImagingSteps(block, cfg.tabular.k, data.meta)
+
+    steps = TabularSteps(make_steps).fit(data.frames, patients, fit, time, event)
+    X, present = steps.transform(data.frames, patients)
+    loss = canonical_loss(cfg.loss.name)
+    edges = targets = None
+    if loss == "nll":
+        bins = TimeBins(int(cfg.loss.n_bins), scheme=str(cfg.loss.scheme)).fit(time[fit],
+                                                                              event[fit])
+        edges = bins.edges_
+        targets = bins.transform(time, event)
+    feat_dim = bag_dim(data.bags)
+    dims = {m: X[m].shape[1] for m in X}
+    if data.bags is not None:
+        dims["wsi"] = feat_dim
+    out_dim = 1 if loss == "cox" else len(edges)
+    net = build_net(cfg, dims, out_dim)
+    module = SurvivalModule(net, loss=loss, ties=str(cfg.loss.get("ties", "efron")),
+                            edges=edges, lr=float(oc.lr), weight_decay=float(oc.weight_decay),
+                            select_after=int(oc.get("select_after", 0)),
+                            smooth=int(oc.get("smooth", 1)),
+                            snapshots=bool(oc.get("snapshot_ensemble", False)))
+
+    def ds(idx, train=False):
+        return PatientDataset(idx, patients, data.bags, X, present, time, event,
+                              targets=targets, train=train, max_instances=oc.max_instances,
+                              seed=seed, feat_dim=feat_dim)
+
+    if env.world_size > 1 and len(val) < env.world_size:
+        raise ValueError(f"split {split.name}: {len(val)} inner-validation patients for "
+                         f"{env.world_size} processes; every process needs at least one "
+                         "(raise optim.val_fraction or use fewer processes)")
+    dm = SurvivalDataModule({"fit": ds(fit, True), "val": ds(val), "test": ds(te),
+                             "all": ds(np.arange(len(patients)))},
+                            batch_size=int(oc.batch_size),
+                            eval_batch_size=int(oc.get("eval_batch_size", 64)), seed=seed,
+                            eval_batch_sampler=eval_batch_sampler(cfg, data.bags),
+                            num_workers=int(oc.get("num_workers", 0) or 0))
+    ckdir = Path(out) / "checkpoints" / split.name
+    resume = _resume_path(ckdir, key) if env.is_zero else None
+    resume = broadcast_object(resume)
+    trainer, ckpt = make_trainer(cfg, Path(out), split.name, ckdir)
+    _check_processes(trainer)
+    if resume:
+        log.warning("split %s: resuming from %s", split.name, resume)
+    with warnings.catch_warnings():
+        # Lightning's advice about DataLoader workers does not apply to in-memory bags
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")  # torch/lightning internal
+        # val/cindex is computed on the gathered set: equal on every rank, nothing to reduce
+        warnings.filterwarnings("ignore", ".*sync_dist=True.*when logging on epoch level.*")
+        if resume:  # the folder holds the checkpoint we resume from
+            warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    device = trainer.strategy.root_device
+    best_epoch = None
+    if ckpt.best_model_path:
+        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+        best_epoch = int(state.get("epoch", -1))
+    module.to(device)
+    # prediction: this rank's share of the patients on the training device, gathered on rank 0
+    loader = dm.eval_dataloader("all", env.rank, env.world_size)
+    if module.best_snapshots:
+        pred = module.predict_snapshots(loader, module.best_snapshots)
+    else:
+        pred = module.predict_loader(loader)
+    module.to("cpu")
+    test_pos = set(int(j) for j in te)
+    attn = None
+    if pred["attention"] is not None:  # keep the test patients' tile attention only
+        attn = {int(p): a for p, a in zip(pred["pos"], pred["attention"]) if int(p) in test_pos}
+    parts = gather_to_zero({"pos": pred["pos"], "risk": pred["risk"], "out": pred["out"],
+                            "attention": attn})
+    info = {"best_epoch": best_epoch, "epochs": int(trainer.current_epoch),
+            "best_val_cindex": float(ckpt.best_model_score) if ckpt.best_model_score is not None
+            else None, "eventless_batches": module.eventless_batches,
+            "snapshots": len(module.best_snapshots or []),
+            "resumed_from": Path(resume).name if resume else None,
+            "processes": env.world_size}
+    if not env.is_zero:
+        return None
+
+    n = len(patients)
+    pos = np.concatenate([p["pos"] for p in parts]).astype(int)
+    if sorted(pos.tolist()) != list(range(n)):
+        raise RuntimeError(f"split {split.name}: gathered predictions cover {len(set(pos))} of "
+                           f"{n} patients (duplicates or gaps across processes)")
+    risk = np.empty(n)
+    risk[pos] = np.concatenate([p["risk"] for p in parts])
+    outs = np.empty((n, out_dim))
+    outs[pos] = np.concatenate([p["out"] for p in parts])
+    attention = {}
+    for p in parts:
+        attention.update(p["attention"] or {})
+    role = np.full(n, "train", dtype=object)
+    role[val] = "val"
+    role[te] = "test"
+    sfn = survival_fn(loss, outs, fit, time, event, edges)
+
+    def surv(times):
+        return sfn(te, times)
+
+    records = attention_records(split.name, patients, te, risk, attention, data.bags, role)
+    model = {"state_dict": {k: v.detach().cpu() for k, v in module.net.state_dict().items()},
+             "snapshots": module.best_snapshots}
+    selected = [f"{m}:{c}" for m, cols in steps.columns_.items() for c in cols]
+    return SplitFit(risk=risk, role=role, surv=surv, selected=selected, model=model, info=info,
+                    attention=records)
+
+
+def survival_fn(loss: str, pred_out, fit_idx, time, event, edges):
+    """S(t | patient) for the integrated Brier score. Cox: Breslow baseline hazard fitted on
+    the fit patients' risks (scikit-survival's BreslowEstimator). NLL: the model's own
+    discrete survival curve, a step function over the bin edges."""
+    if loss == "cox":
+        from sksurv.linear_model.coxph import BreslowEstimator
+
+        risk = pred_out[:, 0]
+        br = BreslowEstimator().fit(risk[fit_idx], event[fit_idx].astype(bool), time[fit_idx])
+
+        def fn(idx, times):
+            return np.vstack([f(times) for f in br.get_survival_function(risk[idx])])
+        return fn
+    from netsurv.survival.losses import hazard_to_survival
+
+    surv = hazard_to_survival(torch.as_tensor(pred_out)).numpy()
+
+    def fn(idx, times):
+        j = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, len(edges) - 1)
+        return surv[idx][:, j]
+    return fn
+
+
+def attention_records(split: str, patients, idx, risk, attention: dict, bags, role) -> list:
+    """PatientAttention records (:mod:`netsurv.report.heatmap`) of the patients at positions
+    ``idx`` that have tiles; ``attention``: {position: per-tile weights}."""
+    from netsurv.report.heatmap import PatientAttention
+
+    out = []
+    for j in idx:
+        j = int(j)
+        meta = tile_meta(bags, patients[j])
+        a = attention.get(j)
+        if meta is None or a is None or len(a) != meta.n_tiles:
+            continue  # no slide for this patient
+        out.append(PatientAttention(split, patients[j], meta.coords, meta.slide, a,
+                                    meta.slide_ids, meta.patch_size_level0, meta.read_mpp,
+                                    float(risk[j]), str(role[j])))
+    return out
+
+
+def save_model(model: dict, path: Path) -> None:
+    """Weights of a deep model (the best checkpoint of the split), loadable with
+    ``torch.load(weights_only=True)``; the architecture comes from config.yaml.  With a
+    snapshot ensemble, ``<split>.snapshots.pt`` holds the list of the averaged nets' weights."""
+    torch.save(model["state_dict"], path)
+    if model.get("snapshots"):
+        torch.save(model["snapshots"], path.with_suffix(".snapshots.pt"))
