@@ -319,6 +319,10 @@ def test_risks_spanning_1e4_are_finite_and_exact(dtype, ties):
 def test_breslow_loglik_of_coxnet_is_finite_and_exact():
     from netsurv.survival.coxnet import breslow_loglik
 
+    # the latest patient, censored, with risk -1e4 while another has +1e4: was NaN (log(0) * 0)
+    eta3, t3, e3 = np.array([1e4, 0.0, -1e4]), np.array([1.0, 2.0, 3.0]), np.array([1, 1, 0])
+    assert breslow_loglik(eta3, t3, e3) == pytest.approx(
+        -neg_log_pl_mpmath(eta3, t3, e3, "breslow"), rel=1e-12)
     rng = np.random.default_rng(6)
     t = rng.integers(0, 8, 40).astype(float)
     e = (rng.random(40) < 0.5).astype(int)
