@@ -104,8 +104,8 @@ def _decode(path: Path, raw: bytes) -> str:
         bad = text[exc.start:exc.start + 1] if len(text) > exc.start else "?"
         warnings.warn(
             f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); read with the "
-            f"{enc} (Latin-1) encoding, which makes it {bad!r}. If names look wrong, save the "
-            "file with the 'CSV UTF-8' encoding.", CohortWarning, stacklevel=4)
+            f"{enc} (Latin-1) encoding, in which that byte is {bad!r}. If names look wrong, save "
+            "the file with the 'CSV UTF-8' encoding.", CohortWarning, stacklevel=4)
         return text
 
 
@@ -139,9 +139,9 @@ def _records(path: Path, text: str, sep: str) -> list[int]:
                 for a, b in zip(row, row[1:]))
             if split_number:
                 raise CohortError(
-                    f"{where}: probably a number with a decimal comma (e.g. 12,5). Write numbers "
-                    "with a decimal point (12.5) or save the file with ';' as the delimiter; "
-                    f"{fix_text}. Line {line}: {raw[:120]!r}")
+                    f"{where}: probably a number with a decimal comma (e.g. 12,5). Write it with a "
+                    "decimal point (12.5) or save the file with ';' as the delimiter (if it is "
+                    f"text, quote it: \"a{sep} b\"). Line {line}: {raw[:120]!r}")
             raise CohortError(f"{where}: {fix_text} or remove the delimiter from it. Line {line}: "
                               f"{raw[:120]!r}")
     return starts
@@ -352,12 +352,21 @@ def _check_patients_known(df: pd.DataFrame, known: set[str], path: Path) -> None
 
 
 def _warn_problems(path: Path, what: str, problems: list[str], n: int, root: Path) -> None:
-    if problems:
-        warnings.warn(
-            f"{path}: {len(problems)} of {n} {what}(s) cannot be used and are recorded as failed "
-            f"by the stages that read them, the others go on: {'; '.join(problems[:5])}"
-            f"{' ...' if len(problems) > 5 else ''} (paths are relative to {root} or absolute)",
-            CohortWarning, stacklevel=3)
+    if not problems:
+        return
+    head = (f"none of the {n} {what}(s) can be used" if len(problems) == n else
+            f"{len(problems)} of {n} {what}(s) cannot be used and are recorded as failed by the "
+            "stages that read them, the others go on")
+    warnings.warn(f"{path}: {head}: {'; '.join(problems[:5])}"
+                  f"{' ...' if len(problems) > 5 else ''} (paths are relative to {root} or "
+                  "absolute)", CohortWarning, stacklevel=3)
+
+
+def _slide_note(df: pd.DataFrame, i) -> str:
+    sid, v = df.at[i, "slide_id"], df.at[i, "path"]
+    if v is None or pd.isna(v):
+        return f"line {_line(df, i)}: slide {sid!r} has no path"
+    return f"line {_line(df, i)}: file {v} of slide {sid!r} does not exist"
 
 
 def load_slides(path: Path, root: Path, known: set[str], check_files: bool = True) -> pd.DataFrame:
@@ -394,18 +403,16 @@ def load_slides(path: Path, root: Path, known: set[str], check_files: bool = Tru
         msg = None
         if pd.isna(v):
             msg = f"no path for slide {sid} in slides.csv (line {_line(df, i)})"
-            note = f"line {_line(df, i)}: slide {sid!r} has no path"
             df.at[i, "path"] = None
         else:
             p = _resolve(root, v)
             df.at[i, "path"] = str(p)
             if check_files and not p.exists():
-                msg = (f"{path}, line {_line(df, i)}, column 'path': file {p} of slide {sid} does "
-                       f"not exist (paths are relative to {root} or absolute)")
-                note = f"line {_line(df, i)}: file {p} of slide {sid!r} does not exist"
+                msg = (f"slides.csv line {_line(df, i)}, column 'path': file {p} of slide {sid} "
+                       f"does not exist (paths are relative to {root} or absolute)")
         problems.append(msg)
         if msg:
-            notes.append(note)
+            notes.append(_slide_note(df, i))
     df["problem"] = problems
     if has_paths:
         _warn_problems(path, "slide", notes, len(df), root)
@@ -523,12 +530,12 @@ def require_items(cohort: Cohort, table: str, *, need_files: bool = True) -> pd.
         if not need_files:
             return df
         bad = df["problem"].notna() if "problem" in df.columns else df["path"].isna()
-        why = df.loc[bad, "problem"].tolist() if "problem" in df.columns else []
+        why = [_slide_note(df, i) for i in df.index[bad]]
     else:
         bad = pd.Series([not (Path(a).exists() and Path(m).exists())
                          for a, m in zip(df["image"], df["mask"])], index=df.index)
-        why = [f"line {line_of(df, i) or '?'}: {df.at[i, 'image']} or {df.at[i, 'mask']} does "
-               "not exist" for i in df.index[bad]]
+        why = [f"line {_line(df, i)}: {df.at[i, 'image']} or {df.at[i, 'mask']} does not exist"
+               for i in df.index[bad]]
     if bad.all():
         raise CohortError(
             f"{path}: none of the {len(df)} row(s) can be used ({'; '.join(map(str, why[:3]))}"

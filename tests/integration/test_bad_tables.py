@@ -76,7 +76,8 @@ def test_missing_slide_files_are_failures_of_those_slides(slide_cohort):
     assert (res["n_done"], res["n_failed"]) == (1, 2)
     out = Path(res["out"])
     fails = pd.read_csv(out / "failures.csv").set_index("slide_id").error
-    assert "line 3, column 'path': file" in fails["gone"] and "gone.tiff" in fails["gone"]
+    assert fails["gone"].startswith("slides.csv line 3, column 'path': file ")
+    assert "gone.tiff of slide gone does not exist" in fails["gone"]
     assert fails["nopath"] == "no path for slide nopath in slides.csv (line 4)"
     idx = pd.read_csv(out / "index.csv").set_index("slide_id").status
     assert idx.to_dict() == {"ok": "done", "gone": "failed", "nopath": "failed"}

@@ -118,8 +118,9 @@ def test_missing_slide_file_is_left_to_the_stage(cohort_dir):
                       r"line 5: file .*NET003_0\.tiff of slide 'NET003-0' does not exist"):
         c = load_cohort(cohort_dir)
     prob = c.slides.set_index("slide_id").problem
-    assert re.search(r"slides\.csv, line 5, column 'path': file .*NET003_0\.tiff of slide "
-                     r"NET003-0 does not exist", prob["NET003-0"])
+    assert re.fullmatch(r"slides\.csv line 5, column 'path': file .*NET003_0\.tiff of slide "
+                        r"NET003-0 does not exist \(paths are relative to .* or absolute\)",
+                        prob["NET003-0"])
     assert prob.drop("NET003-0").isna().all()
     assert len(require_items(c, "slides")) == 39
 
@@ -127,10 +128,11 @@ def test_missing_slide_file_is_left_to_the_stage(cohort_dir):
 def test_no_usable_item_left_is_an_error(cohort_dir):
     for f in (cohort_dir / "img").glob("*.tiff"):
         f.unlink()
-    with pytest.warns(CohortWarning):
+    with pytest.warns(CohortWarning, match=r"slides\.csv: none of the 40 slide\(s\) can be used"):
         c = load_cohort(cohort_dir)
     with pytest.raises(CohortError, match=r"slides\.csv: none of the 40 row\(s\) can be used "
-                                          r"\(.*line 2, column 'path': file"):
+                                          r"\(line 2: file .*NET001_0.tiff of slide 'NET001-0' "
+                                          r"does not exist; line 3: .* fix the paths"):
         require_items(c, "slides")
     assert len(require_items(c, "ct")) == 39
     (cohort_dir / "ct.csv").unlink()
@@ -245,7 +247,7 @@ def test_latin1_file_is_read_with_a_warning(cohort_dir):
     assert (df["histology"] == "carcinoïde typique").any()
     (cohort_dir / "clinical.csv").write_bytes(df.to_csv(index=False).encode("latin-1"))
     with pytest.warns(CohortWarning, match=r"clinical\.csv: not UTF-8 \(byte 0xef on line \d+\); "
-                      r"read with the Windows-1252 \(Latin-1\) encoding, which makes it 'ï'"):
+                      r"read with the Windows-1252 \(Latin-1\) encoding, in which that byte is 'ï'"):
         c = load_cohort(cohort_dir)
     assert set(c.clinical.histology) == set(df.histology)
 
