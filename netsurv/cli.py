@@ -36,7 +36,8 @@ import sys
 import traceback
 from typing import Any, Callable
 
-__all__ = ["USER_ERRORS", "UserError", "find_user_error", "run_plain", "user_errors"]
+__all__ = ["USER_ERRORS", "UserError", "find_user_error", "handle_user_error", "run_plain",
+           "user_errors"]
 
 log = logging.getLogger("netsurv")
 
