@@ -3,8 +3,11 @@ resumable); slides without tile coords are tiled first."""
 import hydra
 from omegaconf import DictConfig
 
+from netsurv.cli import user_errors
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="extract_pathomics")
+@user_errors  # bad input data: one line + where the full log is
 def main(cfg: DictConfig) -> None:
     from netsurv.tasks.pathomics import run
 

@@ -2,8 +2,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from netsurv.cli import user_errors
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="make_demo_cohort")
+@user_errors  # bad input data: one line + where the full log is
 def main(cfg: DictConfig) -> None:
     from netsurv.tasks.cohort import resolve_cohort
 

@@ -5,9 +5,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+from netsurv.cli import run_plain  # noqa: E402
 from netsurv.report.html import write_report  # noqa: E402
 
-if __name__ == "__main__":
+
+def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("run_dir", help="a run directory written by scripts/train.py")
     ap.add_argument("--cohort-root", help="cohort folder (default: data.root of config.yaml)")
@@ -26,3 +28,7 @@ if __name__ == "__main__":
     out = write_report(a.run_dir, cohort_root=a.cohort_root, n_groups=a.groups,
                        horizon=a.horizon, calibration_bins=a.calibration_bins, attention=att)
     print(out)
+
+
+if __name__ == "__main__":
+    run_plain(main)

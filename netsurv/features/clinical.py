@@ -11,6 +11,19 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from netsurv.cohort.schema import CohortError, line_of, source_of
+
+
+def _cells(X: pd.DataFrame, col: str, bad: pd.Series, k: int = 5) -> str:
+    """'value' for patient 'P' (line N), ... for the first ``k`` flagged rows."""
+    out = []
+    for pid in X.index[bad][:k]:
+        n, v = line_of(X, pid), X.at[pid, col]
+        shown = repr(v) if isinstance(v, str) else str(v)
+        out.append(f"{shown} for patient {pid!r}" + (f" (line {n})" if n else ""))
+    more = f" and {int(bad.sum()) - k} more" if bad.sum() > k else ""
+    return ", ".join(out) + more
+
 
 class ClinicalEncoder(TransformerMixin, BaseEstimator):
     """Median-impute + standardise numerics; impute 'missing' + one-hot categoricals.
@@ -27,27 +40,42 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
         self.scale_indicators = scale_indicators
 
     def _frame(self, X: pd.DataFrame) -> pd.DataFrame:
+        # tables read by netsurv.cohort keep their file and line numbers: errors name them
+        src = source_of(X) or "clinical table"
         cols = list(self.numeric) + list(self.categorical)
         missing = [c for c in cols if c not in X.columns]
         if missing:
-            raise KeyError(
-                f"clinical column(s) {missing} declared in the data config are not in "
-                f"clinical.csv (columns: {list(X.columns)}); fix data.clinical.numeric/categorical"
+            raise CohortError(
+                f"{src}: clinical column(s) {missing} declared in the data config "
+                f"(data.clinical.numeric / categorical) are not in the file (columns: "
+                f"{list(X.columns)}); fix the config or the file's header"
             )
         X = X[cols].copy()
         for c in self.numeric:
             num = pd.to_numeric(X[c], errors="coerce")
             bad = num.isna() & X[c].notna()
             if bad.any():
-                raise ValueError(
-                    f"clinical column {c!r} is declared numeric but has non-numeric values "
-                    f"{sorted(set(X.loc[bad, c].astype(str)))[:5]} (patients "
-                    f"{list(X.index[bad])[:5]}); declare it categorical or fix the values"
+                raise CohortError(
+                    f"{src}: column {c!r} is declared numeric (data.clinical.numeric) but holds "
+                    f"text: {_cells(X, c, bad)}; fix the values (leave the cell empty when "
+                    "unknown) or declare the column in data.clinical.categorical"
                 )
+            inf = np.isinf(num)
+            if inf.any():
+                raise CohortError(f"{src}: column {c!r} is not finite: {_cells(X, c, inf)}; "
+                                  "leave the cell empty when the value is unknown")
             X[c] = num.astype(float)
+        changed = []
         for c in self.categorical:
-            X[c] = X[c].astype(object).where(X[c].notna(), None)
-            X[c] = X[c].map(lambda v: v if v is None else str(v))
+            v = X[c].astype(object).where(X[c].notna(), None)
+            v = v.map(lambda s: s if s is None else str(s))
+            stripped = v.map(lambda s: s if s is None else (s.strip() or None))
+            if any(a is not None and a != b for a, b in zip(v, stripped)):
+                changed.append(c)
+            X[c] = stripped
+        if changed:  # tables from netsurv.cohort are stripped already (with their own warning)
+            warnings.warn(f"clinical column(s) {changed}: leading/trailing whitespace removed "
+                          "from levels (e.g. 'M ' counts as 'M')", UserWarning, stacklevel=3)
         return X
 
     def fit(self, X: pd.DataFrame, y=None):

@@ -17,11 +17,22 @@ class VolumeError(ValueError):
     """A CT case cannot be used; the message names the file and the reason."""
 
 
-def read_volume(path) -> sitk.Image:
-    """A file readable by SimpleITK, or a folder holding one DICOM series."""
+ROLE_FIX = {
+    "image": "replace them with a valid intensity (e.g. -1024 HU, air) or leave the case out of "
+             "ct.csv",
+    "mask": "set them to 0 (background) or to the label",
+}
+
+
+def read_volume(path, role: str = "image") -> sitk.Image:
+    """A file readable by SimpleITK, or a folder holding one DICOM series.
+
+    Non-finite voxels (NaN, +-inf) fail with :class:`VolumeError` naming the file and ``role``
+    ("image" or "mask"): pyradiomics would otherwise fail late and cryptically, or, for NIfTI,
+    SimpleITK silently reads them as 0 (see :func:`non_finite_voxels`)."""
     path = Path(path)
     if not path.exists():
-        raise VolumeError(f"{path}: file or folder does not exist")
+        raise VolumeError(f"{path}: {role} file or folder does not exist")
     try:
         if path.is_dir():
             ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
@@ -32,13 +43,59 @@ def read_volume(path) -> sitk.Image:
                                   "put each series in its own folder")
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+            img = reader.Execute()
+        else:
+            img = sitk.ReadImage(str(path))
     except VolumeError:
         raise
     except RuntimeError as exc:  # SimpleITK reports every reader failure as RuntimeError
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise VolumeError(f"{path}: cannot be read as an image ({first})") from exc
+    n, first = non_finite_voxels(path, img)
+    if n:
+        raise VolumeError(
+            f"{path}: {role} holds {n} non-finite voxel(s) (NaN or inf), the first at voxel index "
+            f"(x, y, z) = {first}; {ROLE_FIX.get(role, 'fix the file')}")
+    return img
+
+
+def _is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz"))
+
+
+def non_finite_voxels(path, img: sitk.Image) -> tuple[int, tuple[int, ...] | None]:
+    """(count, first voxel index in ITK (x, y, z) order) of NaN/inf voxels of ``img`` read from
+    ``path``.
+
+    Integer pixel types cannot hold them.  SimpleITK's NIfTI reader (ITK before PR #6683)
+    replaces every non-finite value with 0, which hides them, so float NIfTI files are checked as
+    stored, with nibabel; NRRD, MHA/MHD and the others keep them, and are checked on the array
+    SimpleITK read."""
+    path = Path(path)
+    if path.is_file() and _is_nifti(path):
+        import nibabel as nib
+
+        try:
+            stored = nib.load(str(path))
+            if stored.get_data_dtype().kind not in "fc":  # integer storage: always finite
+                return 0, None
+            arr = np.asanyarray(stored.dataobj)  # nibabel's (i, j, k) = ITK's (x, y, z)
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                return int(bad.sum()), tuple(int(v) for v in np.argwhere(bad)[0][:3])
+            return 0, None
+        except Exception:  # noqa: BLE001 - a NIfTI variant nibabel cannot read: use SimpleITK's
+            pass
+    if img.GetPixelIDValue() not in (sitk.sitkFloat32, sitk.sitkFloat64,
+                                     sitk.sitkVectorFloat32, sitk.sitkVectorFloat64):
+        return 0, None
+    arr = sitk.GetArrayViewFromImage(img)  # numpy (z, y, x) order
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return 0, None
+    first = np.argwhere(bad)[0]
+    return int(bad.sum()), tuple(int(v) for v in first[:img.GetDimension()][::-1])
 
 
 def geometry(img: sitk.Image) -> dict:
@@ -78,8 +135,8 @@ def load_case(image_path, mask_path, *, label: int = 1, resample_mask: bool = Fa
     - a binary mask labelled 255 is accepted for ``label=1`` (with a note);
     - a mask without the label, or empty after resampling, fails with the labels it holds.
     """
-    image = read_volume(image_path)
-    mask = read_volume(mask_path)
+    image = read_volume(image_path, "image")
+    mask = read_volume(mask_path, "mask")
     notes: list[str] = []
     if image.GetDimension() != 3 or mask.GetDimension() != 3:
         raise VolumeError(f"{image_path} / {mask_path}: expected 3-D volumes, got "

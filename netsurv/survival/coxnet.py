@@ -17,11 +17,12 @@ def breslow_loglik(eta, time, event) -> float:
     """Cox partial log-likelihood (Breslow ties) of linear predictors ``eta``."""
     order = np.argsort(-time, kind="stable")
     eta, time, event = eta[order], time[order], event[order]
-    m = eta.max()
-    log_risk = np.log(np.cumsum(np.exp(eta - m))) + m
+    # running log-sum-exp: finite for any finite eta (a global shift by max(eta) underflows
+    # to log(0) = -inf when eta spans +-1e4, and 0 * inf = NaN for censored patients)
+    log_risk = np.logaddexp.accumulate(np.asarray(eta, float))
     # tied times share one risk set: everyone with time >= t, i.e. the end of the tie run
     run_end = np.searchsorted(-time, -time, side="right") - 1
-    return float(np.sum(event * (eta - log_risk[run_end])))
+    return float(np.sum(np.where(event.astype(bool), eta - log_risk[run_end], 0.0)))
 
 
 def _fit_path(X, time, event, l1_ratio, n_alphas, alpha_min_ratio, alphas=None, baseline=False):

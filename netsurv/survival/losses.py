@@ -105,19 +105,24 @@ def cox_ph_loss_with_flag(risk: Tensor, time, event, ties: str = "efron",
         # log R_k + log1p(-(l/d_k) * D_k/R_k), with D_k/R_k in (0, 1], which is stable.
         df = d.to(eta.dtype)
         d_k = torch.zeros(n_grp, dtype=eta.dtype, device=eta.device).index_add_(0, grp, df)
+        has_ev = d_k > 0
         # Segment log-sum-exp over events only; shift by the (detached) per-group event max.
         # Non-event entries get exponent 0 and weight 0, so neither inf nor NaN reaches autograd.
         masked = torch.where(d, eta.detach(), torch.full_like(eta, -torch.inf))
         m_k = torch.full((n_grp,), -torch.inf, dtype=eta.dtype, device=eta.device)
         m_k = m_k.scatter_reduce(0, grp, masked, reduce="amax", include_self=True)
-        m_k = torch.where(torch.isfinite(m_k), m_k, torch.zeros_like(m_k))
+        m_k = torch.where(has_ev, m_k, torch.zeros_like(m_k))
         expo = torch.where(d, eta - m_k.index_select(0, grp), torch.zeros_like(eta))
         s_k = torch.zeros(n_grp, dtype=eta.dtype, device=eta.device).index_add_(
             0, grp, torch.exp(expo) * df)
-        s_k = torch.where(d_k > 0, s_k, torch.ones_like(s_k))  # groups without events: unused
-        log_dk = torch.log(s_k) + m_k
-        # D_k / R_k <= 1 (up to rounding; no clamp, it would cut the gradient when D_k = R_k)
-        ratio = torch.exp(log_dk - log_r)
+        s_k = torch.where(has_ev, s_k, torch.ones_like(s_k))
+        # log(D_k / R_k) <= 0 (up to rounding; no clamp, it would cut the gradient when
+        # D_k = R_k).  Groups without events get -inf *before* the exp, i.e. a ratio of exactly 0:
+        # their placeholder log D_k = 0 minus a very negative log R_k (censored patients with
+        # risk -1e4) would overflow to inf, and 0 * inf = NaN in the loss and its gradient.
+        log_ratio = torch.where(has_ev, torch.log(s_k) + m_k - log_r,
+                                torch.full_like(log_r, -torch.inf))
+        ratio = torch.exp(log_ratio)
         # rank l of each event inside its tie group (0-based); order inside a group is irrelevant
         # because the Efron sum is over l only.
         cum = torch.cumsum(d.to(torch.long), 0)
@@ -126,9 +131,11 @@ def cox_ph_loss_with_flag(risk: Tensor, time, event, ties: str = "efron",
         rank = (cum - 1 - before).to(eta.dtype)
         frac = torch.where(d, rank / d_k.index_select(0, grp).clamp(min=1.0),
                            torch.zeros_like(eta))
+        # frac < 1 and ratio <= 1: the log1p argument stays above -1
         per_event = eta - log_r_i - torch.log1p(-frac * ratio.index_select(0, grp))
 
-    nll = -(per_event * d.to(eta.dtype)).sum()
+    # where, not a product: a non-event's term is never needed, and 0 * inf would be NaN
+    nll = -torch.where(d, per_event, torch.zeros_like(per_event)).sum()
     if reduction == "mean":
         nll = nll / n_events
     return nll, True

@@ -7,21 +7,72 @@ from scipy import stats
 
 
 class MetricError(ValueError):
-    pass
+    """A metric cannot be computed from these inputs (invalid values or undefined metric)."""
+
+
+def _times(time, what: str = "time") -> np.ndarray:
+    try:
+        t = np.asarray(time, float).reshape(-1)
+    except (TypeError, ValueError):
+        raise MetricError(f"{what} must be numbers") from None
+    bad = ~np.isfinite(t)
+    if bad.any():
+        raise MetricError(f"{what} has {int(bad.sum())} non-finite value(s) (NaN or inf), first "
+                          f"at position {int(np.flatnonzero(bad)[0])}; follow-up times must be "
+                          "finite")
+    if (t < 0).any():
+        i = int(np.flatnonzero(t < 0)[0])
+        raise MetricError(f"{what} has {int((t < 0).sum())} negative value(s), first {t[i]:g} at "
+                          f"position {i}; follow-up times are >= 0")
+    return t
+
+
+def _events(event, what: str = "event") -> np.ndarray:
+    e = np.asarray(event).reshape(-1)
+    if e.dtype == bool:
+        return e.astype(int)
+    try:
+        ef = e.astype(float)
+    except (TypeError, ValueError):
+        raise MetricError(f"{what} must be 0 (censored) or 1 (event); found "
+                          f"{sorted({str(v) for v in e})[:5]}") from None
+    bad = ~np.isin(ef, (0.0, 1.0))
+    if bad.any():
+        raise MetricError(f"{what} must be 0 (censored) or 1 (event); found "
+                          f"{sorted({str(v) for v in e[bad]})[:5]} at {int(bad.sum())} "
+                          f"position(s), first {int(np.flatnonzero(bad)[0])}")
+    return ef.astype(int)
+
+
+def _risks(risk, what: str = "risk") -> np.ndarray:
+    try:
+        r = np.asarray(risk, float).reshape(-1)
+    except (TypeError, ValueError):
+        raise MetricError(f"{what} must be numbers") from None
+    nan, inf = np.isnan(r), np.isinf(r)
+    if nan.any() or inf.any():
+        raise MetricError(f"{what} has {int(nan.sum())} NaN and {int(inf.sum())} infinite "
+                          "value(s); the model produced invalid predictions (check for diverged "
+                          "training)")
+    return r
 
 
 def _check(time, event, risk):
-    time = np.asarray(time, float)
-    event = np.asarray(event).astype(int)
-    risk = np.asarray(risk, float)
+    time, event, risk = _times(time), _events(event), _risks(risk)
     if not (len(time) == len(event) == len(risk)):
         raise MetricError(f"time, event, risk lengths differ: {len(time)}, {len(event)}, {len(risk)}")
-    if np.isnan(risk).any():
-        raise MetricError(f"risk has {int(np.isnan(risk).sum())} NaN value(s); the model "
-                          "produced invalid predictions (check for diverged training)")
     if event.sum() == 0:
         raise MetricError("all patients are censored: the C-index is undefined without events")
     return time, event, risk
+
+
+def _check_train(train_time, train_event):
+    t, e = _times(train_time, "train_time"), _events(train_event, "train_event")
+    if len(t) != len(e):
+        raise MetricError(f"train_time, train_event lengths differ: {len(t)}, {len(e)}")
+    if len(t) == 0:
+        raise MetricError("the training split is empty")
+    return t, e
 
 
 def harrell_cindex(time, event, risk) -> float:
@@ -44,7 +95,12 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, tuple[float, flo
     Splits of one cohort overlap, so this interval is optimistic; it is what the founding study
     reports (mean over seeds) with its spread made explicit.
     """
-    v = np.asarray(values, float)
+    v = np.asarray(values, float).reshape(-1)
+    if len(v) == 0:
+        raise MetricError("mean_ci: no values")
+    if not np.isfinite(v).all():
+        raise MetricError(f"mean_ci: {int((~np.isfinite(v)).sum())} of {len(v)} value(s) are NaN "
+                          "or infinite (a split whose metric could not be computed?)")
     m = float(v.mean())
     sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     if len(v) < 2:
@@ -98,6 +154,7 @@ def uno_cindex(train_time, train_event, test_time, test_event, risk, tau: float 
     from sksurv.metrics import concordance_index_ipcw
 
     test_time, test_event, risk = _check(test_time, test_event, risk)
+    train_time, train_event = _check_train(train_time, train_event)
     limit = followup_limit(train_time)
     tau = limit if tau is None else min(float(tau), limit)
     tt = _clip_to_followup(test_time, limit)
@@ -110,6 +167,7 @@ def td_auc(train_time, train_event, test_time, test_event, risk, times=None):
     from sksurv.metrics import cumulative_dynamic_auc
 
     test_time, test_event, risk = _check(test_time, test_event, risk)
+    train_time, train_event = _check_train(train_time, train_event)
     if times is None:
         times = default_eval_times(train_time, test_time, test_event)
     limit = followup_limit(train_time)
@@ -130,7 +188,11 @@ def integrated_brier(train_time, train_event, test_time, test_event, surv_fn, ti
     """
     from sksurv.metrics import integrated_brier_score
 
-    test_time = np.asarray(test_time, float)
+    test_time, test_event = _times(test_time, "test_time"), _events(test_event, "test_event")
+    if len(test_time) != len(test_event):
+        raise MetricError(f"test_time, test_event lengths differ: {len(test_time)}, "
+                          f"{len(test_event)}")
+    train_time, train_event = _check_train(train_time, train_event)
     if times is None:
         times = default_eval_times(train_time, test_time, test_event)
     times = np.asarray(times, float)
@@ -139,8 +201,12 @@ def integrated_brier(train_time, train_event, test_time, test_event, surv_fn, ti
     limit = followup_limit(train_time)
     tt = _clip_to_followup(test_time, limit)
     est = np.asarray(surv_fn(times), float)
-    if np.isnan(est).any():
-        raise MetricError("predicted survival contains NaN")
+    if est.shape != (len(test_time), len(times)):
+        raise MetricError(f"predicted survival has shape {est.shape}, expected "
+                          f"{(len(test_time), len(times))} (test patients x times)")
+    if not np.isfinite(est).all():
+        raise MetricError(f"predicted survival has {int((~np.isfinite(est)).sum())} NaN or "
+                          "infinite value(s)")
     return float(integrated_brier_score(_surv(train_time, train_event), _surv(tt, test_event),
                                         est, times))
 

@@ -112,6 +112,9 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
             continue
         bar.set_postfix_str(sid)
         try:
+            problem = row.get("problem")
+            if isinstance(problem, str) and problem:  # slides.csv: no path / file not found
+                raise FileNotFoundError(problem)
             with open_slide(row["path"], override, backend=backend) as slide:
                 res = tile_slide(slide, params, _user_mask(user_mask_dir, sid),
                                  user_mask_downsample, device=device)

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from netsurv.cohort.schema import CohortError
 from netsurv.features.clinical import ClinicalEncoder
 
 
@@ -37,8 +38,19 @@ def test_unseen_category_is_reference_with_warning():
 
 
 def test_declared_column_missing_or_not_numeric():
-    with pytest.raises(KeyError, match=r"\['stage'\] declared in the data config"):
+    with pytest.raises(CohortError, match=r"\['stage'\] declared in the data config"):
         ClinicalEncoder(numeric=["age"], categorical=["stage"]).fit(_df())
     bad = _df().assign(age=["50", "x", "60", "70"])
-    with pytest.raises(ValueError, match=r"'age' is declared numeric .* \['x'\]"):
+    with pytest.raises(CohortError, match=r"'age' is declared numeric .* text: 'x' for patient 'b'"):
         ClinicalEncoder(numeric=["age"]).fit(bad)
+    with pytest.raises(CohortError, match=r"'age' is not finite: inf for patient 'a'"):
+        ClinicalEncoder(numeric=["age"]).fit(_df().assign(age=[np.inf, 1.0, 2.0, 3.0]))
+
+
+def test_whitespace_around_levels_is_one_level():
+    clean = ClinicalEncoder(numeric=["age"], categorical=["sex", "histology"]).fit(_df())
+    dirty = _df().assign(sex=["M ", " F", "M", None])
+    with pytest.warns(UserWarning, match=r"\['sex'\]: leading/trailing whitespace removed"):
+        enc = ClinicalEncoder(numeric=["age"], categorical=["sex", "histology"]).fit(dirty)
+    assert enc.categories_ == clean.categories_
+    pd.testing.assert_frame_equal(enc.transform(_df()), clean.transform(_df()))

@@ -30,14 +30,16 @@ EXPECTED_DIM = {
 }
 
 
+# Values are compared at a pinned precision: precision="auto" resolves to bf16 on CPUs with
+# native bf16 (see test_precision_policy for both branches of auto).
 @pytest.fixture(scope="module")
 def lite0():
-    return build_encoder("efficientnet_lite0_imagenet")
+    return build_encoder("efficientnet_lite0_imagenet", precision="fp32")
 
 
 @pytest.fixture(scope="module")
 def lite0_logits():
-    return build_encoder("efficientnet_lite0_imagenet", keep_classifier=True)
+    return build_encoder("efficientnet_lite0_imagenet", keep_classifier=True, precision="fp32")
 
 
 def _images() -> list[np.ndarray]:
@@ -100,7 +102,7 @@ def test_embeddings_deterministic_on_cpu(lite0):
     x = lite0.preprocess(skdata.chelsea()[:224, :224])
     a, b = lite0(x), lite0(x)
     assert torch.equal(a, b)
-    again = build_encoder("efficientnet_lite0_imagenet")
+    again = build_encoder("efficientnet_lite0_imagenet", precision="fp32")
     assert torch.equal(again(x), a)  # same batch (CPU kernels may differ across batch sizes)
     t1, t2 = build_encoder("test_tiny"), build_encoder("test_tiny")
     y = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -144,7 +146,7 @@ def test_resnet50_trunc_is_layer3_avgpool_and_takes_full_checkpoint(tmp_path):
     full = timm.create_model("resnet50", pretrained=False).eval()
     path = tmp_path / "resnet50_full.pth"
     torch.save(full.state_dict(), path)
-    enc = build_encoder("resnet50_trunc", weights=path)
+    enc = build_encoder("resnet50_trunc", weights=path, precision="fp32")
     x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         h = full.maxpool(full.act1(full.bn1(full.conv1(x))))
@@ -249,6 +251,49 @@ def test_precision_policy(monkeypatch):
     assert not build_encoder("test_tiny").channels_last
     assert get_spec("resnet50_trunc").kind == "cnn"
     assert build_encoder("resnet50_trunc", weights="random").channels_last  # CNNs: channels-last
+
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n\n"
+
+
+@pytest.mark.parametrize("cpuinfo, flags_env, want", [
+    (AVX2_ONLY, None, "fp32"),                 # /proc/cpuinfo without native bf16
+    (SAPPHIRE, None, "bf16"),                  # AMX / AVX512-BF16
+    (SAPPHIRE, "none", "fp32"),                # NETSURV_CPU_FLAGS replaces the probe ...
+    (SAPPHIRE, "", "fp32"),
+    (AVX2_ONLY, "avx2,avx512_bf16", "bf16"),   # ... both ways
+])
+def test_auto_precision_follows_the_cpu_flag_probe(tmp_path, monkeypatch, cpuinfo, flags_env,
+                                                   want):
+    """Both branches of precision=auto, whatever the CPU running the tests: the flags come from a
+    fake cpuinfo file or from NETSURV_CPU_FLAGS, the one seam of the probe."""
+    import netsurv.pathology.encoders.core as core
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(cpuinfo)
+    real = core.cpu_flags
+    monkeypatch.setattr(core, "cpu_flags", lambda cpuinfo=fake: real(cpuinfo))
+    if flags_env is None:
+        monkeypatch.delenv(core.CPU_FLAGS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(core.CPU_FLAGS_ENV, flags_env)
+    assert resolve_precision("auto", "cpu") == want
+    assert build_encoder("test_tiny").precision == want
+    assert build_encoder("test_tiny", precision="fp32").precision == "fp32"  # explicit: kept
+    assert resolve_precision("auto", "cuda") == "bf16"  # the GPU ignores CPU flags
+
+
+def test_cpu_flags_parsing(tmp_path, monkeypatch):
+    from netsurv.pathology.encoders.core import CPU_FLAGS_ENV, cpu_flags
+
+    monkeypatch.delenv(CPU_FLAGS_ENV, raising=False)
+    f = tmp_path / "cpuinfo"
+    f.write_text(SAPPHIRE + SAPPHIRE.replace("amx_bf16", ""))
+    assert {"amx_bf16", "avx512_bf16", "avx2"} <= cpu_flags(f)  # first processor's line
+    assert cpu_flags(tmp_path / "missing") == frozenset()  # no /proc (macOS, Windows)
+    monkeypatch.setenv(CPU_FLAGS_ENV, " AVX2, amx_bf16 ")
+    assert cpu_flags(f) == {"avx2", "amx_bf16"}
 
 
 def test_cls_meanpatch_skips_register_tokens():

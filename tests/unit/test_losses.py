@@ -257,3 +257,79 @@ def test_survival_monotone_and_risk():
     # raising every hazard raises the risk
     up, base = risk_from_logits(logits + 0.5), risk_from_logits(logits)
     assert (up[:50] > base[:50]).all() and (up >= base).all()  # saturated rows may tie
+
+
+# ------------------------------------------------------------ extreme but finite risks -----
+def neg_log_pl_mpmath(eta, time, event, ties):
+    """The textbook -log partial likelihood in 60-digit arithmetic (exp(+-1e4) representable)."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    eta = [mpmath.mpf(float(v)) for v in eta]
+    time, event = np.asarray(time, float), np.asarray(event, bool)
+    ll = mpmath.mpf(0)
+    for t in np.unique(time[event]):
+        risk_set = [eta[i] for i in np.flatnonzero(time >= t)]
+        dead = [eta[i] for i in np.flatnonzero((time == t) & event)]
+        r = mpmath.fsum(mpmath.exp(v) for v in risk_set)
+        dsum = mpmath.fsum(mpmath.exp(v) for v in dead)
+        ll += mpmath.fsum(dead)
+        d = len(dead)
+        if ties == "breslow":
+            ll -= d * mpmath.log(r)
+        else:
+            ll -= mpmath.fsum(mpmath.log(r - mpmath.mpf(k) / d * dsum) for k in range(d))
+    return float(-ll)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", ["efron", "breslow"])
+def test_latest_censored_with_very_low_risk_is_finite(dtype, ties):
+    # the issue's case: Efron was NaN for risks [0, 0, -1e4] in float32 (0 * inf in frac * ratio);
+    # a patient with risk -1e4 adds nothing to any risk set, so the loss is the 2-patient loss
+    r = torch.tensor([0.0, 0.0, -1e4], dtype=dtype, requires_grad=True)
+    loss = cox_ph_loss(r, [1.0, 2.0, 3.0], [1, 1, 0], ties=ties)
+    loss.backward()
+    two = cox_ph_loss(torch.zeros(2, dtype=dtype), [1.0, 2.0], [1, 1], ties=ties)
+    assert torch.isfinite(loss) and torch.isfinite(r.grad).all()
+    assert loss.item() == pytest.approx(two.item(), rel=1e-6) == pytest.approx(np.log(2) / 2)
+    torch.testing.assert_close(r.grad, torch.tensor([-0.25, 0.25, 0.0], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", ["efron", "breslow"])
+def test_risks_spanning_1e4_are_finite_and_exact(dtype, ties):
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        n = 30
+        t = rng.integers(0, 6, n).astype(float)                   # heavy ties
+        e = rng.random(n) < 0.5
+        e[0] = True
+        eta = rng.choice([-1e4, -1e3, -100.0, 0.0, 100.0, 1e3, 1e4], n) + rng.normal(size=n)
+        r = torch.tensor(eta, dtype=dtype, requires_grad=True)
+        loss = cox_ph_loss(r, t, e, ties=ties, reduction="sum")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(r.grad).all(), (trial, loss)
+        ref = neg_log_pl_mpmath(r.detach().double().numpy(), t, e, ties)
+        # float32 rounds risks of 1e4 to ~1e-3; the loss is a sum of such differences
+        tol = dict(rel=1e-9, abs=1e-6) if dtype == torch.float64 else dict(rel=1e-5, abs=0.05)
+        assert loss.item() == pytest.approx(ref, **tol), trial
+
+
+def test_breslow_loglik_of_coxnet_is_finite_and_exact():
+    from netsurv.survival.coxnet import breslow_loglik
+
+    # the latest patient, censored, with risk -1e4 while another has +1e4: was NaN (log(0) * 0)
+    eta3, t3, e3 = np.array([1e4, 0.0, -1e4]), np.array([1.0, 2.0, 3.0]), np.array([1, 1, 0])
+    assert breslow_loglik(eta3, t3, e3) == pytest.approx(
+        -neg_log_pl_mpmath(eta3, t3, e3, "breslow"), rel=1e-12)
+    rng = np.random.default_rng(6)
+    t = rng.integers(0, 8, 40).astype(float)
+    e = (rng.random(40) < 0.5).astype(int)
+    e[0] = 1
+    eta = rng.choice([-1e4, 0.0, 1e4], 40) + rng.normal(size=40)  # was NaN (log(0) * 0)
+    ll = breslow_loglik(eta, t, e)
+    assert np.isfinite(ll)
+    assert ll == pytest.approx(-neg_log_pl_mpmath(eta, t, e, "breslow"), rel=1e-12)
+    assert ll == pytest.approx(-cox_ph_loss(torch.tensor(eta, dtype=DT), t, e, "breslow",
+                                            "sum").item(), rel=1e-12)

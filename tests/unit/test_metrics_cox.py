@@ -32,6 +32,27 @@ def test_mean_ci_t_interval():
     m, sd, (lo, hi) = mean_ci([0.6, 0.7, 0.8])
     assert m == pytest.approx(0.7) and sd == pytest.approx(0.1)
     assert hi - m == pytest.approx(4.302652729911275 * 0.1 / np.sqrt(3))
+    assert mean_ci([0.6]) == (0.6, 0.0, (0.6, 0.6))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_mean_ci_rejects_non_finite_values(bad):
+    # today NaN passed through silently: mean NaN and a NaN interval in metrics.json
+    with pytest.raises(MetricError, match="1 of 3 value\\(s\\) are NaN or infinite"):
+        mean_ci([0.6, bad, 0.8])
+    with pytest.raises(MetricError, match="no values"):
+        mean_ci([])
+
+
+def test_harrell_rejects_inf_risk_bad_event_and_negative_time():
+    t, e, r = [1.0, 2.0, 3.0], [1, 0, 1], [0.3, 0.2, 0.1]
+    assert harrell_cindex(t, e, r) == 1.0
+    with pytest.raises(MetricError, match="infinite"):        # gave 0.5 before
+        harrell_cindex(t, e, [np.inf, 0.2, 0.1])
+    with pytest.raises(MetricError, match="0 \\(censored\\) or 1"):  # event 2 counted
+        harrell_cindex(t, [2, 0, 1], r)
+    with pytest.raises(MetricError, match="negative"):
+        harrell_cindex([-1.0, 2.0, 3.0], e, r)
 
 
 def test_coxph_matches_lifelines_and_drops_constant_columns():

@@ -95,3 +95,75 @@ def test_bootstrap_ci_brackets_estimate(data):
     c = harrell_cindex(tte, ete, risk)
     assert lo < c < hi and 0.1 < hi - lo < 0.5
     assert bootstrap_ci(harrell_cindex, tte, ete, risk, n_boot=300, seed=0) == (lo, hi)
+
+
+# --------------------------------------------------------------- invalid inputs are refused -----
+def _calls(data):
+    ttr, etr, tte, ete, risk, _ = data
+    return {
+        "harrell_cindex": lambda t, e, r: harrell_cindex(t, e, r),
+        "uno_cindex": lambda t, e, r: uno_cindex(ttr, etr, t, e, r),
+        "td_auc": lambda t, e, r: td_auc(ttr, etr, t, e, r),
+        "integrated_brier": lambda t, e, r: integrated_brier(
+            ttr, etr, t, e, lambda times: np.tile(1 / (1 + np.exp(r))[:, None], len(times))),
+        "bootstrap_ci": lambda t, e, r: bootstrap_ci(harrell_cindex, t, e, r, n_boot=20),
+    }
+
+
+CASES = [("risk_inf", "infinite"), ("risk_nan", "NaN"), ("event_2", "0 \\(censored\\) or 1"),
+         ("event_text", "0 \\(censored\\) or 1"), ("time_negative", "negative"),
+         ("time_inf", "non-finite"), ("time_nan", "non-finite")]
+
+
+# integrated_brier takes survival curves, not risks: its risk cases do not apply
+@pytest.mark.parametrize("name, case, match", [
+    (name, case, match)
+    for name in ("harrell_cindex", "uno_cindex", "td_auc", "integrated_brier", "bootstrap_ci")
+    for case, match in CASES if not (name == "integrated_brier" and case.startswith("risk"))])
+def test_metrics_reject_invalid_values(data, name, case, match):
+    _, _, tte, ete, risk, _ = data
+    t, e, r = tte.copy(), ete.astype(object), risk.copy()
+    what, bad = case.split("_", 1)
+    if what == "risk":
+        r[5] = {"inf": np.inf, "nan": np.nan}[bad]
+    elif what == "event":
+        e[5] = {"2": 2, "text": "dead"}[bad]
+    else:
+        t[5] = {"negative": -1.0, "inf": np.inf, "nan": np.nan}[bad]
+    # today (before the fix) inf risks gave 0.5 or a raw scikit-learn error, event 2 counted as an
+    # event, negative times went through
+    with pytest.raises(MetricError, match=match):
+        _calls(data)[name](t, e, r)
+
+
+def test_training_split_is_checked_too(data):
+    ttr, etr, tte, ete, risk, _ = data
+    bad_t, bad_e = ttr.copy(), etr.copy()
+    bad_t[0], bad_e[1] = np.inf, 3
+    with pytest.raises(MetricError, match="train_time has 1 non-finite"):
+        uno_cindex(bad_t, etr, tte, ete, risk)
+    with pytest.raises(MetricError, match="train_event must be 0 \\(censored\\) or 1"):
+        td_auc(ttr, bad_e, tte, ete, risk)
+
+
+def test_survival_curves_must_be_finite_and_shaped(data):
+    ttr, etr, tte, ete, _, _ = data
+
+    def nan_surv(times):
+        s = np.full((40, len(times)), 0.5)
+        s[3, 1] = np.nan
+        return s
+
+    with pytest.raises(MetricError, match="1 NaN or infinite"):
+        integrated_brier(ttr, etr, tte, ete, nan_surv)
+    with pytest.raises(MetricError, match="shape"):
+        integrated_brier(ttr, etr, tte, ete, lambda times: np.full((len(times), 40), 0.5))
+
+
+def test_bool_and_float_events_are_accepted(data):
+    ttr, etr, tte, ete, risk, _ = data
+    c = harrell_cindex(tte, ete, risk)
+    assert harrell_cindex(tte, ete.astype(bool), risk) == c
+    assert harrell_cindex(tte, ete.astype(float), risk) == c
+    assert uno_cindex(ttr, etr.astype(bool), tte, ete.astype(float), risk) == pytest.approx(
+        uno_cindex(ttr, etr, tte, ete, risk))

@@ -9,6 +9,7 @@ dimension.  Nothing in this module touches the network at import time.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,25 +30,44 @@ class EncoderWeightsError(EncoderError):
     """Weights could not be found, fetched or loaded (message says how to fix it)."""
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo).
+#: CPU flags that mean native bf16 arithmetic (x86: AMX-BF16, AVX512-BF16).
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+#: Environment variable that replaces the CPU flags read from /proc/cpuinfo (space- or
+#: comma-separated; empty or "none" = no flags).  It is the one seam through which tests (and
+#: users) pin what ``precision=auto`` resolves to on CPU, whatever the machine:
+#: ``NETSURV_CPU_FLAGS=none`` -> fp32, ``NETSURV_CPU_FLAGS=avx512_bf16`` -> bf16.
+CPU_FLAGS_ENV = "NETSURV_CPU_FLAGS"
 
-    Only there is bf16 autocast a speed-up for CNN inference on CPU: measured on an AVX2-only
-    EPYC (this dev box) lite0 ran 2.5-3.6 img/s in bf16 vs 14 (fp32) and 24 (fp32 channels-last);
-    the issue's reference CPU with native bf16 ran 190 vs 85 img/s."""
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags: ``$NETSURV_CPU_FLAGS`` when set, else the first ``flags`` line of
+    ``cpuinfo`` (Linux x86); an empty set where neither exists (other OS / architectures)."""
+    env = os.environ.get(CPU_FLAGS_ENV)
+    if env is not None:
+        flags = frozenset(env.replace(",", " ").lower().split())
+        return flags - {"none"}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16, see :func:`cpu_flags`).
+
+    Only there is bf16 autocast a speed-up for CNN inference on CPU: measured on an AVX2-only
+    EPYC lite0 ran 2.5-3.6 img/s in bf16 vs 14 (fp32) and 24 (fp32 channels-last); a CPU with
+    native bf16 ran 190 vs 85 img/s."""
+    return bool(cpu_flags() & NATIVE_BF16_FLAGS)
 
 
 def resolve_precision(precision: str | None, device: torch.device | str) -> str:
-    """``auto``/``None`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``.
+    """``auto``/``None`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``
+    (the CPU check goes through :func:`cpu_flags`, so ``NETSURV_CPU_FLAGS`` decides it).
 
     bf16 autocast keeps lite0 embeddings within cosine 0.9989 of fp32 (benchmarks/embed.py);
     without native bf16 it is emulated and 4-6x slower than fp32, so ``auto`` avoids it there.

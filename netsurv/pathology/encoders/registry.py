@@ -250,7 +250,8 @@ def build_encoder(
         weights: ``None`` (entry default), ``"random"``, ``"hub"``, ``"package"`` or a path
             to a local checkpoint (timm key layout; see module docstring).
         device: torch device for the model and preprocessed tensors.
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
+        precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32;
+            ``NETSURV_CPU_FLAGS`` overrides the CPU probe), ``"bf16"`` or ``"fp32"``.
         keep_classifier: keep the ImageNet head (``efficientnet_lite0_imagenet`` only);
             the model then returns ``[B, 1000]`` logits instead of embeddings.
         seed: seed for ``weights="random"`` (the global RNG state is left untouched).
