@@ -186,7 +186,6 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
     cases_dir = out_dir / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
     env = stage_env()
-    clean_stale_temps(out_dir, subdirs=("cases",))
     ph = params_hash(params)
     default_label = int(params.get("label", 1))
     dup = ct["patient_id"][ct["patient_id"].duplicated()].unique().tolist()
@@ -198,6 +197,7 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
     order = sorted(range(len(rows)), key=lambda i: str(rows[i]["patient_id"]))
 
     def local():
+        clean_stale_temps(out_dir, subdirs=("cases",))
         index = HashIndex(out_dir / "file_hashes.json")
         items, pre = [], []
         for i in shard(order, env):

@@ -119,49 +119,54 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
     tiling_fail = {str(r.slide_id): r for r in tres["failures"].itertuples(index=False)}
 
     enc_cfg = _container(cfg["encoder"])
-    if encoder is None:
-        encoder = build_encoder_from_config(enc_cfg, resolve_device(ecfg.get("device")))
-        cl = ecfg.get("channels_last")
-        if cl is not None and bool(cl) != encoder.channels_last:
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            encoder.model = encoder.model.to(memory_format=fmt)
-            encoder.channels_last = bool(cl)
     batch_size = int(ecfg.get("batch_size") or enc_cfg.get("batch_size") or 64)
-    out = embeddings_dir(derived, encoder, phash)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "encoder.json", json.dumps(
-        {**encoder_attrs(encoder), "transform_config": encoder.transform_config(),
-         "tiling_params_hash": phash, "batch_size": batch_size}, indent=2, default=str))
-    clean_stale_temps(out)
-
     records = slides.to_dict("records")
     order = sorted(range(len(records)), key=lambda i: str(records[i]["slide_id"]))
     mine = _shard([i for i in order if str(records[i]["slide_id"]) not in tiling_fail], env)
-    memo = VerifiedFiles(out)
+    st: dict = {"encoder": encoder}
 
     def paths(i):
         sid = str(records[i]["slide_id"])
-        return sid, tiles_out / f"{sid}.h5", out / f"{sid}.h5"
+        return sid, tiles_out / f"{sid}.h5", st["out"] / f"{sid}.h5"
 
     def lookup(i):
         _, coords_h5, h5 = paths(i)
-        return embedded_tiles(h5, encoder, coords_h5, dtype=dtype, verified=memo)
+        return embedded_tiles(h5, st["encoder"], coords_h5, dtype=dtype, verified=st["memo"])
 
     def embed_one(i) -> int:
         sid, coords_h5, h5 = paths(i)
+        enc = st["encoder"]
         try:
             n = embed_slide(
-                coords_h5, encoder, h5, batch_size, int(ecfg.get("num_workers", 0) or 0),
+                coords_h5, enc, h5, batch_size, int(ecfg.get("num_workers", 0) or 0),
                 backend=str(ecfg.get("backend", "auto")),
                 decode_threads=int(ecfg.get("decode_threads", 2) or 1),
-                prefetch=default_prefetch(ecfg.get("prefetch"), encoder.device),
+                prefetch=default_prefetch(ecfg.get("prefetch"), enc.device),
                 slide_path=records[i].get("path"), slide_id=sid, dtype=dtype)
         finally:
             release_free_memory()  # bounded RSS: reuse within a slide, not across the cohort
-        memo.add(h5)
+        st["memo"].add(h5)
         return n
 
     def local():
+        # everything a rank may fail at on its own (device, disk) runs in here: the error then
+        # reaches the other ranks instead of leaving them waiting
+        if st["encoder"] is None:
+            enc = build_encoder_from_config(enc_cfg, resolve_device(ecfg.get("device")))
+            cl = ecfg.get("channels_last")
+            if cl is not None and bool(cl) != enc.channels_last:
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                enc.model = enc.model.to(memory_format=fmt)
+                enc.channels_last = bool(cl)
+            st["encoder"] = enc
+        enc = st["encoder"]
+        out = st["out"] = embeddings_dir(derived, enc, phash)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "encoder.json", json.dumps(
+            {**encoder_attrs(enc), "transform_config": enc.transform_config(),
+             "tiling_params_hash": phash, "batch_size": batch_size}, indent=2, default=str))
+        clean_stale_temps(out)
+        st["memo"] = VerifiedFiles(out)
         # the loop's big per-batch tensors are reused instead of page-faulted in afresh
         # (CPU lite0: 29 -> 65 img/s; netsurv.runtime); freed memory goes back afterwards
         with keep_freed_memory():
@@ -170,11 +175,12 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
                                  progress=bool(ecfg.get("progress", True)),
                                  desc=f"embed[{env.rank}/{env.world_size}]", unit="slide",
                                  what="embeddings file")
-        memo.save()
+        st["memo"].save()
         return [(i, o.status, o.value or 0, round(o.seconds, 3), o.error_type, o.error)
                 for i, o in zip(mine, outcomes)]
 
     got = {r[0]: r[1:] for part in gather(local, what="embedding", env=env) for r in part}
+    encoder, out = st["encoder"], st["out"]
     rows, fails = [], []
     for i, r in enumerate(records):
         sid, coords_h5, h5 = paths(i)

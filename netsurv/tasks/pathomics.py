@@ -114,11 +114,11 @@ def extract_slides(index: pd.DataFrame, params: dict, phash: str, out: Path, *, 
     cache_dir = out / "slides"
     cache_dir.mkdir(parents=True, exist_ok=True)
     env = stage_env()
-    clean_stale_temps(out, subdirs=("slides",))
     rows = [r._asdict() for r in index.itertuples(index=False)]
     order = sorted(range(len(rows)), key=lambda i: str(rows[i]["slide_id"]))
 
     def local():
+        clean_stale_temps(out, subdirs=("slides",))
         items, pre = [], []
         for i in shard(order, env):
             r = rows[i]

@@ -126,9 +126,6 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     env = stage_env()
     t0 = time.perf_counter()
-    write_text(out / "params.json", json.dumps({"params_hash": phash, **params}, indent=2,
-                                               sort_keys=True, default=str))
-    clean_stale_temps(out, subdirs=("qc",))
     records = [r._asdict() for r in slides.itertuples(index=False)]
     order = sorted(range(len(records)), key=lambda i: str(records[i]["slide_id"]))
     mine = shard(order, env)
@@ -173,6 +170,9 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
         return rec
 
     def local():
+        write_text(out / "params.json", json.dumps({"params_hash": phash, **params}, indent=2,
+                                                   sort_keys=True, default=str))
+        clean_stale_temps(out, subdirs=("qc",))
         outcomes = run_items(mine, key=lambda i: str(records[i]["slide_id"]), lookup=lookup,
                              compute=tile_one, finish=finish, locks=ItemLocks(out),
                              progress=progress, desc="tiling", unit="slide",

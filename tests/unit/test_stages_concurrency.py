@@ -115,7 +115,7 @@ def test_two_tiling_jobs_split_the_work_without_false_failures(cohort, tmp_path)
         wait_for_go()
         r = tile_cohort(c.slides.head(6), {TILING!r}, Path({str(out)!r}), qc=True, progress=False)
         print(json.dumps({{k: r[k] for k in ("n_done", "n_skipped", "n_failed")}} |
-                         {{"failed": r["failures"]["item_id"].tolist(),
+                         {{"failed": r["failures"]["slide_id"].tolist(),
                            "status": r["index"]["status"].tolist()}}))
     """
     a, b = run_together([code, code], tmp_path)
