@@ -365,9 +365,14 @@ class VerifiedFiles:
     changes its mtime/ctime) need not be read again.  Stored as ``<folder>/.verified.json``;
     a damaged memo is only a cost (files verified again), never trusted."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, *, load: bool = True):
         self.path = Path(folder) / ".verified.json"
         self.new: dict[str, list] = {}
+        self.table: dict[str, list] = {}
+        if load:
+            self.load()
+
+    def load(self) -> None:
         try:
             self.table = dict(read_json(self.path))
         except FileNotFoundError:

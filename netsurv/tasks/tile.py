@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from netsurv.stages import (CorruptCacheError, ItemFailed, ItemLocks, atomic_path,
-                            clean_stale_temps, gather, h5_attach_checksum, rank_zero, run_items,
-                            shard, stage_env, verify_h5, write_csv, write_text)
+from netsurv.stages import (CorruptCacheError, ItemFailed, ItemLocks, VerifiedFiles,
+                            atomic_path, clean_stale_temps, gather, h5_attach_checksum,
+                            rank_zero, run_items, shard, stage_env, verify_h5, write_csv,
+                            write_text)
 
 __all__ = ["output_dir", "tile_cohort", "run", "coords_tiles", "write_coords_checked"]
 
@@ -48,14 +49,16 @@ def _slide_override(row, params: dict):
     return params.get("mpp_override")
 
 
-def coords_tiles(h5: Path, phash: str, override) -> int | None:
+def coords_tiles(h5: Path, phash: str, override, verified=None) -> int | None:
     """Tile count of a verified coords file made with params hash ``phash`` and this mpp
     override; None when absent or made otherwise.  Raises
-    :class:`~netsurv.stages.CorruptCacheError` (naming the file) when it cannot be trusted."""
+    :class:`~netsurv.stages.CorruptCacheError` (naming the file) when it cannot be trusted.
+    ``verified``: a :class:`~netsurv.stages.VerifiedFiles` memo (files unchanged since their
+    last verification are not read again)."""
     import h5py
 
     try:
-        verify_h5(h5)
+        (verified.verify if verified is not None else verify_h5)(h5)
     except FileNotFoundError:
         return None
     with h5py.File(h5, "r") as f:
@@ -135,10 +138,12 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
         return {"slide_id": sid, "patient_id": row.get("patient_id"), "path": str(row["path"]),
                 "h5": str(out / f"{sid}.h5"), "n_tiles": 0, "status": ""}
 
+    memo = VerifiedFiles(out, load=False)
+
     def lookup(i):
         row = records[i]
         sid = str(row["slide_id"])
-        n = coords_tiles(out / f"{sid}.h5", phash, _slide_override(row, params))
+        n = coords_tiles(out / f"{sid}.h5", phash, _slide_override(row, params), memo)
         return None if n is None else {**_rec(row), "n_tiles": n, "status": "skipped"}
 
     def tile_one(i) -> dict:
@@ -152,6 +157,7 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
                 res = tile_slide(slide, params, _user_mask(user_mask_dir, sid),
                                  user_mask_downsample, device=device)
                 write_coords_checked(h5, res, slide, slide_id=sid, params_hash_=phash)
+                memo.add(h5)
                 if qc:
                     save_qc(out / "qc" / f"{sid}.png", res.tissue, res.coords,
                             res.plan.size_level0,
@@ -173,10 +179,12 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
         write_text(out / "params.json", json.dumps({"params_hash": phash, **params}, indent=2,
                                                    sort_keys=True, default=str))
         clean_stale_temps(out, subdirs=("qc",))
+        memo.load()
         outcomes = run_items(mine, key=lambda i: str(records[i]["slide_id"]), lookup=lookup,
                              compute=tile_one, finish=finish, locks=ItemLocks(out),
                              progress=progress, desc="tiling", unit="slide",
                              what="coords file")
+        memo.save()
         res = []
         for i, o in zip(mine, outcomes):
             rec = dict(o.value) if o.value is not None else _rec(records[i])
