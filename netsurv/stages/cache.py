@@ -222,7 +222,6 @@ def folder_lock(folder, name: str = "folder", *, message: str | None = None):
         lock.acquire(timeout=0)
     except Timeout:
         if message:
-            log.info(message)
             print(message, flush=True)
         lock.acquire()
     try:

@@ -1,6 +1,7 @@
 """The stage entry points on the 2 ranks of a real torchrun job, from an empty cache: demo
 generation, tiling, embedding, radiomics and pathomics; every rank returns the same complete
-result, rank 0 writes one merged index, and the files equal those of one process."""
+result, rank 0 writes one merged index, and (slow) the files are byte for byte those of one
+process."""
 from __future__ import annotations
 
 import filecmp
@@ -14,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,14 +87,23 @@ def _load(d: Path):
             for r in range(len(list(d.glob("rank*.pkl"))))]
 
 
-def test_two_ranks_return_the_complete_result_and_equal_one_process(tmp_path):
-    job = tmp_path / "job.py"
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The job on 2 torchrun ranks from an empty cache; its derived files moved aside."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    job = tmp / "job.py"
     job.write_text(textwrap.dedent(JOB))
-    cache = tmp_path / "cache"  # empty: the ranks generate the demo cohort themselves
+    cache = tmp / "cache"  # empty: the ranks generate the demo cohort themselves
     p = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-              f"--master_port={_port()}", str(job), str(cache), str(tmp_path / "two")])
-    assert (p.stdout + p.stderr).count("netsurv demo: generating") == 1
-    r0, r1 = _load(tmp_path / "two")
+              f"--master_port={_port()}", str(job), str(cache), str(tmp / "two")])
+    r0, r1 = _load(tmp / "two")
+    return {"tmp": tmp, "job": job, "cache": cache, "log": p.stdout + p.stderr, "r0": r0,
+            "r1": r1}
+
+
+def test_two_ranks_return_the_same_complete_result(two_ranks):
+    r0, r1, cache = two_ranks["r0"], two_ranks["r1"], two_ranks["cache"]
+    assert two_ranks["log"].count("netsurv demo: generating") == 1
     assert (r0["world"], r1["world"]) == (2, 2)
     # every rank has the whole cohort's result, the same on both
     for k in ("tile", "embed", "radiomics", "pathomics", "pathomics_failures"):
@@ -113,21 +124,25 @@ def test_two_ranks_return_the_complete_result_and_equal_one_process(tmp_path):
         idx = pd.read_csv(d / "index.csv")
         assert sorted(idx.slide_id) == sorted(slides.slide_id), d
         assert not list(d.glob("index.rank*.csv"))
-    two = cache / "demo" / "derived"
-    shutil.move(two, tmp_path / "derived-two-ranks")
 
+
+@pytest.mark.slow
+def test_two_ranks_write_the_files_of_one_process(two_ranks):
+    tmp, cache, r0 = two_ranks["tmp"], two_ranks["cache"], two_ranks["r0"]
+    a, b = tmp / "derived-two-ranks", cache / "demo" / "derived"
+    shutil.move(b, a)
     # the same job in one process, on the same cohort folder (so every path is the same)
-    _run([sys.executable, str(job), str(cache), str(tmp_path / "one")])
-    (one,) = _load(tmp_path / "one")
+    _run([sys.executable, str(two_ranks["job"]), str(cache), str(tmp / "one")])
+    (one,) = _load(tmp / "one")
     assert one["world"] == 1
     for k in ("radiomics", "pathomics"):
         pd.testing.assert_frame_equal(one[k], r0[k], obj=k)
     pd.testing.assert_frame_equal(one["tile"].drop(columns="status"),
                                   r0["tile"].drop(columns="status"))
     # embeddings and coords files identical byte for byte
-    a, b = tmp_path / "derived-two-ranks", two
+    n = len(pd.read_csv(cache / "demo" / "slides.csv"))
     files = sorted(f.relative_to(a) for f in a.rglob("*.h5"))
-    assert len(files) == 2 * len(slides)
+    assert len(files) == 2 * n
     assert sorted(f.relative_to(b) for f in b.rglob("*.h5")) == files
     for f in files:
         assert filecmp.cmp(a / f, b / f, shallow=False), f
