@@ -1,15 +1,20 @@
 """Tile embeddings for one slide: coords HDF5 -> tiles -> encoder -> features HDF5.
 
-Output file (one per slide, HDF5, written atomically: temp file in the same folder +
-``os.replace``)
+Output file (one per slide, HDF5, written atomically: a temp file unique to the process in
+the same folder + ``os.replace``)
 -------------------------------------------------------------------------------------
-dataset ``features``: float32 (N, D), row i = embedding of tile i of the coords file;
+dataset ``features``: (N, D) float32 (default) or float16 (``dtype``), row i = embedding of
+tile i of the coords file (computed in float32, stored at ``dtype``);
 dataset ``coords``: int64 (N, 2), level-0 top-left (x, y), same order as the coords file.
 Attributes: ``encoder``, ``dim``, ``weights_source``, ``weights_tag``, ``precision``,
-``transform_config`` (json, :meth:`Encoder.transform_config`), ``tiling_params_hash``,
-``tiling_params`` (json), ``coords_path``, ``slide_path``, ``slide_id``, ``patch_size``,
-``patch_size_level0``, ``target_mpp``, ``tile_backend``, ``n_tiles``, ``device``,
-``netsurv_version``, ``torch_version``.
+``transform_config`` (json, :meth:`Encoder.transform_config`), ``dtype`` (storage dtype of
+``features``), ``tiling_params_hash``, ``tiling_params`` (json), ``coords_path``,
+``slide_path``, ``slide_id``, ``patch_size``, ``patch_size_level0``, ``target_mpp``,
+``tile_backend``, ``n_tiles``, ``device``, ``netsurv_version``, ``torch_version``, and
+``checksum`` = ``sha256:<hex>`` over ``checksum_datasets`` = ``"features,coords"``: for each
+dataset in that order the UTF-8 bytes ``"<name>|<numpy dtype.str>|<shape tuple>|"`` followed
+by its C-order bytes (:func:`netsurv.stages.cache.arrays_checksum`).  A file whose content no
+longer matches is never reused (:func:`is_embedded`).
 
 Tile loading
 ------------
@@ -24,7 +29,6 @@ precision policy (bf16 autocast on GPU, fp32 on CPU by default).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import threading
@@ -35,7 +39,11 @@ import numpy as np
 import torch
 
 __all__ = ["weights_tag", "encoder_attrs", "iter_tile_batches", "embed_slide",
-           "is_embedded", "read_embeddings"]
+           "is_embedded", "embedded_tiles", "read_embeddings", "STORAGE_DTYPES"]
+
+# storage dtypes of ``features``: float16 halves the disk and read volume of large cohorts
+# (relative rounding error 2**-11, far below the spread of tile embeddings)
+STORAGE_DTYPES = ("float32", "float16")
 
 _END = object()
 
@@ -162,17 +170,33 @@ def iter_tile_batches(ds, batch_size: int, num_workers: int = 0, *, decode_threa
 
 
 # ----------------------------------------------------------------------------- embedding
+def storage_dtype(dtype) -> str:
+    """Normalised storage dtype name (``float32`` when None)."""
+    try:
+        d = "float32" if dtype is None else str(np.dtype(str(dtype)))
+    except TypeError:
+        d = str(dtype)
+    if d not in STORAGE_DTYPES:
+        raise ValueError(f"embed.dtype={dtype!r}: choose one of {list(STORAGE_DTYPES)}")
+    return d
+
+
 def embed_slide(coords_h5, encoder, out_path, batch_size: int = 64, num_workers: int = 0, *,
                 backend: str = "auto", decode_threads: int = 2, prefetch: int = 2,
-                slide_path=None, slide_id: str | None = None, progress=None) -> int:
+                slide_path=None, slide_id: str | None = None, progress=None,
+                dtype: str = "float32") -> int:
     """Embed every tile of ``coords_h5`` with ``encoder``; write ``out_path`` atomically.
 
     Returns the number of tiles.  ``progress``: optional callable(n_tiles_done) per batch.
+    ``dtype``: storage dtype of the features (float32 | float16).
     """
     import h5py
 
     import netsurv
     from netsurv.pathology.tiling import TileDataset
+    from netsurv.stages.cache import arrays_checksum, atomic_path
+
+    dtype = storage_dtype(dtype)
 
     ds = TileDataset(coords_h5, slide_path, backend=backend)
     n, dim = len(ds), int(encoder.dim)
@@ -195,10 +219,18 @@ def embed_slide(coords_h5, encoder, out_path, batch_size: int = 64, num_workers:
         raise RuntimeError(f"{coords_h5}: embedded {done} of {n} tiles")
     if not np.isfinite(feats).all():
         raise RuntimeError(f"{coords_h5}: non-finite embeddings (check precision/weights)")
+    if dtype != "float32":
+        feats = feats.astype(dtype)
+        if not np.isfinite(feats).all():
+            raise RuntimeError(f"{coords_h5}: embeddings exceed the {dtype} range (max |x| "
+                               f"{np.abs(feats.astype(np.float32)).max():.3g} after casting); "
+                               "use embed.dtype=float32")
+    coords = np.asarray(ds.coords, np.int64)
 
     a = ds.attrs
     attrs = {
         **encoder_attrs(encoder),
+        "dtype": dtype,
         "tiling_params_hash": str(a.get("params_hash", "")),
         "tiling_params": str(a.get("params", "")),
         "coords_path": str(Path(coords_h5).resolve()),
@@ -213,56 +245,82 @@ def embed_slide(coords_h5, encoder, out_path, batch_size: int = 64, num_workers:
         "netsurv_version": netsurv.__version__,
         "torch_version": torch.__version__,
     }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+    attrs["checksum"] = arrays_checksum({"features": feats, "coords": coords})
+    attrs["checksum_datasets"] = "features,coords"
+    with atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=feats)
-            f.create_dataset("coords", data=np.asarray(ds.coords, np.int64))
+            f.create_dataset("coords", data=coords)
             for k, v in attrs.items():
                 # plain str (str subclasses such as torch's TorchVersion have no HDF5 type)
                 f.attrs[k] = v.encode().decode() if isinstance(v, str) else v
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return n
 
 
-def is_embedded(out_path, encoder, coords_h5) -> bool:
-    """True if ``out_path`` is a complete embeddings file for ``coords_h5`` made by the same
-    encoder (name, weights, precision, transforms) from the same tiling (hash + coords)."""
+def embedded_tiles(out_path, encoder, coords_h5, *, dtype: str = "float32",
+                   verified=None) -> int | None:
+    """Tile count of ``out_path`` if it is a complete embeddings file for ``coords_h5`` made
+    by the same encoder (name, weights, precision, transforms) from the same tiling (hash +
+    coords) and stored at ``dtype``; None when absent or made otherwise (to be recomputed).
+
+    The file's checksum is verified first (``verified``: a
+    :class:`~netsurv.stages.cache.VerifiedFiles` memo that skips files unchanged since their
+    last verification); a file that fails it raises
+    :class:`~netsurv.stages.cache.CorruptCacheError` naming it."""
     import h5py
+
+    from netsurv.pathology.tiling import read_coords
+    from netsurv.stages.cache import verify_h5
 
     out_path = Path(out_path)
     if not out_path.is_file():
-        return False
+        return None
+    (verified.verify if verified is not None else verify_h5)(out_path)
     try:
-        from netsurv.pathology.tiling import read_coords
-
         coords, cattrs = read_coords(coords_h5)
-        want = {**encoder_attrs(encoder), "tiling_params_hash": str(cattrs.get("params_hash", ""))}
-        with h5py.File(out_path, "r") as f:
-            for k, v in want.items():
-                got = f.attrs.get(k)
-                if isinstance(got, np.generic):
-                    got = got.item()
-                if got != v:
-                    return False
-            if "features" not in f or "coords" not in f:
-                return False
-            if f["features"].shape != (len(coords), int(encoder.dim)):
-                return False
-            return bool(np.array_equal(f["coords"][:], coords))
-    except Exception:  # noqa: BLE001 - unreadable / partial file / bad coords: redo it
+    except Exception:  # noqa: BLE001 - no usable coords: the slide is tiled/redone first
+        return None
+    want = {**encoder_attrs(encoder), "tiling_params_hash": str(cattrs.get("params_hash", "")),
+            "dtype": storage_dtype(dtype)}
+    with h5py.File(out_path, "r") as f:
+        for k, v in want.items():
+            got = f.attrs.get(k)
+            if isinstance(got, np.generic):
+                got = got.item()
+            if got != v:
+                return None
+        if "features" not in f or "coords" not in f:
+            return None
+        if f["features"].shape != (len(coords), int(encoder.dim)) or \
+                f["features"].dtype != np.dtype(want["dtype"]):
+            return None
+        if not np.array_equal(f["coords"][:], coords):
+            return None
+        return int(len(coords))
+
+
+def is_embedded(out_path, encoder, coords_h5, *, dtype: str = "float32") -> bool:
+    """True if ``out_path`` is a verified, complete embeddings file for ``coords_h5`` made by
+    the same encoder (name, weights, precision, transforms) from the same tiling (hash +
+    coords), stored at ``dtype``.  A damaged file (checksum mismatch, unreadable) is False."""
+    from netsurv.stages.cache import CorruptCacheError
+
+    try:
+        return embedded_tiles(out_path, encoder, coords_h5, dtype=dtype) is not None
+    except CorruptCacheError:
         return False
 
 
-def read_embeddings(path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(features [N, D] float32, coords [N, 2] int64, attrs) of an embeddings file."""
+def read_embeddings(path, *, verify: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(features [N, D] as stored (float32 or float16), coords [N, 2] int64, attrs) of an
+    embeddings file; ``verify``: check its checksum first (raises
+    :class:`~netsurv.stages.cache.CorruptCacheError` naming the file)."""
     import h5py
 
+    if verify:
+        from netsurv.stages.cache import verify_h5
+
+        verify_h5(path)
     with h5py.File(path, "r") as f:
         feats, coords = f["features"][:], f["coords"][:]
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}

@@ -2,16 +2,19 @@
 
 Each case is keyed by a content hash of its image and mask plus a hash of the extraction
 parameters, so a rerun recomputes only what changed and an interrupted run resumes. One bad case
-is recorded in the failures table and never stops the others.
+is recorded in the failures table and never stops the others.  Case results are verified JSON
+files (:mod:`netsurv.stages`): a truncated, empty or edited one is logged with its path,
+deleted and recomputed; two jobs on one cohort never extract the same case twice (per-case
+locks); on several ranks each rank extracts ``cases[rank::world_size]`` and every rank
+returns the whole table.  Reading notes (mask labelled 255, other labels present, mask
+resampled) are kept per case: ``notes`` column of ``failures.csv`` and the console summary.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +67,25 @@ def params_hash(params: dict) -> str:
 
 
 class HashIndex:
-    """Content hashes of input files, memoised by (path, size, mtime) so reruns don't re-read."""
+    """Content hashes of input files, memoised by (path, size, mtime) so reruns don't re-read.
+
+    The memo is itself a verified cache file: a damaged one is logged and started afresh (it
+    only saves time).  :meth:`save` merges this process's entries into the file under a lock,
+    so concurrent jobs and ranks add to it instead of overwriting each other."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.table = json.loads(path.read_text()) if path.is_file() else {}
+        from netsurv.stages import CorruptCacheError, read_json
+
+        self.path = Path(path)
+        self.new: dict[str, str] = {}
+        try:
+            self.table = dict(read_json(self.path))
+        except FileNotFoundError:
+            self.table = {}
+        except CorruptCacheError as exc:
+            log.warning("file-hash memo %s is corrupt (%s): starting a new one", exc.path,
+                        exc.reason)
+            self.table = {}
 
     def file_hash(self, p) -> str:
         p = Path(p)
@@ -82,14 +99,23 @@ class HashIndex:
                 with open(f, "rb") as fp:
                     for chunk in iter(lambda: fp.read(1 << 22), b""):
                         fh.update(chunk)
-                self.table[k] = fh.hexdigest()
+                self.table[k] = self.new[k] = fh.hexdigest()
             h.update(self.table[k].encode())
         return h.hexdigest()
 
     def save(self):
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.table))
-        os.replace(tmp, self.path)
+        from netsurv.stages import CorruptCacheError, folder_lock, read_json, write_json
+
+        if not self.new and self.path.is_file():
+            return
+        with folder_lock(self.path.parent, "file_hashes"):
+            try:
+                cur = dict(read_json(self.path))
+            except (FileNotFoundError, CorruptCacheError):
+                cur = {}
+            cur.update(self.new)
+            write_json(self.path, cur)
+        self.new = {}
 
 
 def extract_case(image, mask, params: dict, label: int = 1) -> tuple[dict, list[str]]:
@@ -111,19 +137,35 @@ def _worker_init():
     _quiet_radiomics()
 
 
-def _job(args):
+def _job(args) -> dict:
+    """One case in a worker: features and notes, or the error (type and message)."""
     pid, image, mask, label, params = args
     t0 = time.perf_counter()
+    res = {"patient_id": pid, "features": None, "notes": [], "error_type": "", "error": ""}
     try:
-        feats, notes = extract_case(image, mask, params, label)
-        return pid, feats, notes, None, time.perf_counter() - t0
+        res["features"], res["notes"] = extract_case(image, mask, params, label)
     except VolumeError as exc:
-        return pid, None, [], str(exc), time.perf_counter() - t0
+        res["error_type"], res["error"] = type(exc).__name__, str(exc)
     except Exception as exc:  # pyradiomics raises bare ValueError/RuntimeError on odd ROIs
-        return pid, None, [], f"{image}: {type(exc).__name__}: {exc}", time.perf_counter() - t0
+        res["error_type"], res["error"] = type(exc).__name__, f"{image}: {type(exc).__name__}: {exc}"
+    res["seconds"] = time.perf_counter() - t0
+    return res
 
 
 ACQUISITION_EXCLUDE = {"patient_id", "image", "mask", "label"}
+FAILURE_COLUMNS = ["stage", "patient_id", "item_id", "path", "error_type", "error", "image",
+                   "mask", "status", "reason", "notes"]
+
+
+def _record(item, res: dict) -> dict:
+    """Cache document of one case (``features``, ``notes``, ``seconds``); a failed case
+    raises :class:`~netsurv.stages.ItemFailed`."""
+    from netsurv.stages import ItemFailed
+
+    if res["error"]:
+        raise ItemFailed(res["error_type"], res["error"])
+    return {"features": res["features"], "notes": list(res["notes"]),
+            "seconds": round(res["seconds"], 3)}
 
 
 def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
@@ -131,88 +173,101 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
     """Extract all cases of ``ct`` (rows of ct.csv with absolute paths).
 
     Returns ``(table, failures)``; the table holds ``patient_id``, the feature columns and the
-    acquisition columns of ct.csv (ComBat batches). Both are also written to ``out_dir`` as
-    ``radiomics.csv`` and ``failures.csv``; per-case results live in ``out_dir/cases/``.
+    acquisition columns of ct.csv (ComBat batches); ``failures`` the failed cases
+    (:data:`FAILURE_COLUMNS`, ``status`` = ``failed``).  Both are also written to ``out_dir``
+    as ``radiomics.csv`` and ``failures.csv``, the latter also listing the extracted cases
+    that have reading notes (``status`` = ``noted``); per-case results live in
+    ``out_dir/cases/``.  On several ranks every rank returns the whole cohort's tables.
     """
+    from netsurv.stages import (ItemLocks, clean_stale_temps, gather, json_map, rank_zero,
+                                shard, stage_env, write_csv)
+
     out_dir = Path(out_dir)
     cases_dir = out_dir / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
+    env = stage_env()
     ph = params_hash(params)
-    index = HashIndex(out_dir / "file_hashes.json")
     default_label = int(params.get("label", 1))
     dup = ct["patient_id"][ct["patient_id"].duplicated()].unique().tolist()
-    if dup:
+    if dup and env.rank == 0:
         log.warning("ct.csv has several scans for patient(s) %s; the first row of each is used",
                     dup[:10])
     ct = ct.drop_duplicates("patient_id", keep="first")
+    rows = [r._asdict() for r in ct.itertuples(index=False)]
+    order = sorted(range(len(rows)), key=lambda i: str(rows[i]["patient_id"]))
 
-    todo, done, failures = [], {}, []
-    for row in ct.itertuples(index=False):
-        r = row._asdict()
-        label = default_label
-        if "label" in r and pd.notna(r["label"]):
-            label = int(r["label"])
-        try:
-            key = hashlib.sha256(
-                f"{index.file_hash(r['image'])}|{index.file_hash(r['mask'])}|{label}|{ph}".encode()
-            ).hexdigest()[:16]
-        except OSError as exc:
-            failures.append({"patient_id": r["patient_id"], "image": r["image"],
-                             "mask": r["mask"], "reason": f"cannot read input: {exc}"})
-            continue
-        cache = cases_dir / f"{r['patient_id']}-{key}.json"
-        if cache.is_file():
-            done[r["patient_id"]] = json.loads(cache.read_text())
-        else:
-            todo.append(((r["patient_id"], r["image"], r["mask"], label, params), cache))
-    index.save()
-
-    if todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="radiomics", unit="case", disable=not progress)
-        by_pid = {args[0]: (args, cache) for args, cache in todo}
-
-        def record(result):
-            pid, feats, notes, err, secs = result
-            args, cache = by_pid[pid]
-            if err is None:
-                tmp = cache.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"features": feats, "notes": notes,
-                                           "seconds": round(secs, 3)}))
-                os.replace(tmp, cache)  # atomic: an interrupted run never leaves half a case
-                done[pid] = {"features": feats, "notes": notes}
-            else:
-                failures.append({"patient_id": pid, "image": args[1], "mask": args[2],
-                                 "reason": err})
-            bar.update(1)
-
-        if n_jobs <= 1:
-            _quiet_radiomics()
-            for args, _ in todo:
-                record(_job(args))
-        else:
+    def local():
+        clean_stale_temps(out_dir, subdirs=("cases",))
+        index = HashIndex(out_dir / "file_hashes.json")
+        items, pre = [], []
+        for i in shard(order, env):
+            r = rows[i]
+            label = default_label
+            if "label" in r and pd.notna(r["label"]):
+                label = int(r["label"])
+            try:
+                key = hashlib.sha256(
+                    f"{index.file_hash(r['image'])}|{index.file_hash(r['mask'])}|{label}|{ph}"
+                    .encode()).hexdigest()[:16]
+            except OSError as exc:
+                pre.append((i, "failed", None, type(exc).__name__, f"cannot read input: {exc}"))
+                continue
+            items.append({"i": i, "patient_id": r["patient_id"], "image": r["image"],
+                          "mask": r["mask"], "label": label,
+                          "cache": cases_dir / f"{r['patient_id']}-{key}.json"})
+        index.save()
+        if n_jobs > 1 and len(items) > 1:
             # import pyradiomics before forking so workers inherit it instead of each paying
             # the ~1 s import (fork is the default start method on Linux)
             import radiomics.featureextractor  # noqa: F401
+        else:
+            _quiet_radiomics()
+        outcomes = json_map(
+            items, key=lambda it: str(it["patient_id"]), path=lambda it: it["cache"],
+            compute=_job, record=_record, required=("features", "notes"),
+            payload=lambda it: (it["patient_id"], it["image"], it["mask"], it["label"], params),
+            locks=ItemLocks(out_dir), n_jobs=int(n_jobs), initializer=_worker_init,
+            progress=progress, desc="radiomics", unit="case", what="radiomics case")
+        return pre + [(it["i"], o.status, o.value, o.error_type, o.error)
+                      for it, o in zip(items, outcomes)]
 
-            with ProcessPoolExecutor(n_jobs, initializer=_worker_init) as pool:
-                futures = [pool.submit(_job, args) for args, _ in todo]
-                for fut in as_completed(futures):
-                    record(fut.result())
-        bar.close()
-
+    got = {r[0]: r[1:] for part in gather(local, what="radiomics", env=env) for r in part}
     acq_cols = [c for c in ct.columns if c not in ACQUISITION_EXCLUDE]
-    rows = []
-    for row in ct.itertuples(index=False):
-        r = row._asdict()
-        if r["patient_id"] in done:
-            rows.append({"patient_id": r["patient_id"], **done[r["patient_id"]]["features"],
-                         **{c: r[c] for c in acq_cols}})
-    table = pd.DataFrame(rows)
-    fail = pd.DataFrame(failures, columns=["patient_id", "image", "mask", "reason"])
-    table.to_csv(out_dir / "radiomics.csv", index=False)
-    fail.to_csv(out_dir / "failures.csv", index=False)
-    if len(fail):
+    table_rows, fail_rows = [], []
+    for i, r in enumerate(rows):
+        status, value, et, err = got[i]
+        base = {"stage": "radiomics", "patient_id": r["patient_id"], "item_id": r["patient_id"],
+                "path": r["image"], "image": r["image"], "mask": r["mask"]}
+        if status == "failed":
+            fail_rows.append({**base, "error_type": et, "error": err, "status": "failed",
+                              "reason": err, "notes": ""})
+            continue
+        table_rows.append({"patient_id": r["patient_id"], **value["features"],
+                           **{c: r[c] for c in acq_cols}})
+        if value.get("notes"):
+            fail_rows.append({**base, "error_type": "", "error": "", "status": "noted",
+                              "reason": "", "notes": "; ".join(value["notes"])})
+    table = pd.DataFrame(table_rows)
+    report = pd.DataFrame(fail_rows, columns=FAILURE_COLUMNS)
+    fail = report[report["status"] == "failed"].reset_index(drop=True)
+
+    def write_tables():
+        write_csv(out_dir / "radiomics.csv", table)
+        write_csv(out_dir / "failures.csv", report)
+
+    rank_zero(write_tables, what="radiomics", env=env)
+    if len(fail) and env.rank == 0:
         log.warning("radiomics: %d case(s) failed, see %s", len(fail), out_dir / "failures.csv")
     return table, fail
+
+
+def case_notes(out_dir) -> pd.DataFrame:
+    """Cases of the last extraction in ``out_dir`` that have reading notes (``patient_id``,
+    ``notes``)."""
+    p = Path(out_dir) / "failures.csv"
+    if not p.is_file():
+        return pd.DataFrame(columns=["patient_id", "notes"])
+    df = pd.read_csv(p, keep_default_na=False)
+    if "status" not in df.columns:
+        return pd.DataFrame(columns=["patient_id", "notes"])
+    return df.loc[df["status"] == "noted", ["patient_id", "notes"]].reset_index(drop=True)

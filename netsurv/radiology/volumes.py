@@ -169,6 +169,9 @@ def load_case(image_path, mask_path, *, label: int = 1, resample_mask: bool = Fa
             raise VolumeError(f"{mask_path}: label {label} not present; the mask holds labels "
                               f"{present[:20]}. Set the 'label' column in ct.csv or "
                               "radiology.label.")
+    others = [v for v in present if v != use]
+    if others:
+        notes.append(f"mask holds other labels {others[:20]}: only label {use} is used")
     if present == [1] and mask.GetPixelID() == sitk.sitkUInt8:
         binary = mask  # already a binary uint8 mask: the common case, nothing to compute
     else:

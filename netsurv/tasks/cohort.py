@@ -1,4 +1,7 @@
-"""Resolve the ``data`` config to a loaded cohort, generating the demo cohort on first use."""
+"""Resolve the ``data`` config to a loaded cohort, generating the demo cohort on first use.
+
+May be called on every rank of a job and by concurrent jobs: the demo cohort is generated once
+(:func:`netsurv.cohort.demo.make_demo_cohort` holds a lock), the others wait for it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +18,13 @@ def resolve_cohort(data_cfg: DictConfig, *, force: bool = False) -> Cohort:
     if demo is not None and not user_cohort:
         from netsurv.cohort.demo import make_demo_cohort
 
+        from netsurv.stages import rank_zero, stage_env
+
         kwargs = OmegaConf.to_container(demo, resolve=True)
+        if force and stage_env().world_size > 1:  # regenerated once, by rank 0
+            rank_zero(lambda: make_demo_cohort(root, force=True, **kwargs), what="demo cohort")
+            force = False
+        # ranks and concurrent jobs: one generates (under a lock), the others wait and reuse it
         make_demo_cohort(root, force=force, **kwargs)
     elif not (root / "clinical.csv").is_file():
         raise CohortError(

@@ -1,24 +1,27 @@
 """WSI embedding stage: ``python scripts/embed.py data=demo encoder=efficientnet_lite0_imagenet``.
 
-1. Tiling: slides without a valid coords file for the current ``tiling`` parameters are
-   tiled first with :func:`netsurv.tasks.tile.tile_cohort` (same folder, same rules).
+1. Tiling: every slide goes through :func:`netsurv.tasks.tile.tile_cohort` first (same folder,
+   same rules: slides with a valid coords file are skipped).
 2. Per slide: tiles -> encoder -> ``<out>/<slide_id>.h5`` (see :mod:`netsurv.pathology.embed`)
    with ``<out> = <data.derived>/embeddings/<encoder>-<weights tag>/<tiling params hash>``.
-   Slides whose file exists with the same encoder, weights, precision, transforms, tiling
-   hash and coords are skipped.  Failures are recorded in ``<out>/failures.csv``
-   (``slide_id``, ``reason``) and the other slides go on; ``<out>/index.csv`` lists every
-   slide of this rank with its status and tile count; ``<out>/encoder.json`` holds the
-   encoder's transform config.
+   Slides whose file exists with the same encoder, weights, precision, transforms, storage
+   dtype (``embed.dtype``), tiling hash and coords, and whose checksum verifies, are skipped;
+   a damaged file is logged with its path, deleted and embedded again.  Failures are recorded
+   in ``<out>/failures.csv`` (``stage``, ``patient_id``, ``item_id``, ``path``,
+   ``error_type``, ``error``, ``slide_id``, ``reason``) and the other slides go on;
+   ``<out>/index.csv`` lists every slide with its status and tile count;
+   ``<out>/encoder.json`` holds the encoder's transform config.
 
-Sharding: with ``torchrun --nproc_per_node=K scripts/embed.py ...`` each rank (``RANK`` of
-``WORLD_SIZE``, device ``cuda:LOCAL_RANK``) takes ``slides[rank::world_size]`` (tiling
-included) and writes its own slide files, ``index.rank<r>.csv`` and ``failures.rank<r>.csv``;
-no process group is needed.  Without those variables: rank 0 of 1.
+Ranks: with ``torchrun --nproc_per_node=K scripts/embed.py ...`` or under ``srun`` (SLURM
+tasks), every rank tiles and embeds ``slides[rank::world_size]`` (sorted by slide_id) on
+device ``cuda:LOCAL_RANK`` (CPU without CUDA), the ranks meet, rank 0 writes the merged
+``index.csv`` / ``failures.csv``, and every rank returns the complete result.  Each slide is
+embedded under a lock: two jobs on one cohort never embed the same slide twice, and a slide
+another job is tiling is waited for, not reported as failed.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -26,21 +29,24 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from netsurv.stages import (FAILURE_COLUMNS as _CORE, ItemLocks, VerifiedFiles,
+                            clean_stale_temps, gather, rank_zero, run_items, stage_env,
+                            write_csv, write_text)
+from netsurv.stages import shard as _shard
+
 __all__ = ["shard_info", "shard", "embeddings_dir", "resolve_device", "embed_cohort", "run"]
 
-FAILURE_COLUMNS = ["slide_id", "reason"]
+FAILURE_COLUMNS = [*_CORE, "slide_id", "reason"]
 INDEX_COLUMNS = ["slide_id", "patient_id", "coords_h5", "h5", "n_tiles", "status", "seconds"]
 
 
 def shard_info(env=None) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the torchrun variables; (0, 1, 0) without them."""
-    env = os.environ if env is None else env
-    world = int(env.get("WORLD_SIZE", 1))
-    rank = int(env.get("RANK", 0))
-    local = int(env.get("LOCAL_RANK", rank))
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"bad sharding variables RANK={rank} WORLD_SIZE={world}")
-    return rank, world, local
+    """(rank, world_size, local_rank) of this process (torchrun or SLURM variables, see
+    :func:`netsurv.distributed.dist_env`); (0, 1, 0) without them."""
+    from netsurv.distributed import dist_env
+
+    e = dist_env(env)
+    return e.rank, e.world_size, e.local_rank
 
 
 def shard(slides: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
@@ -56,15 +62,13 @@ def embeddings_dir(derived, encoder, tiling_hash: str) -> Path:
             / str(tiling_hash))
 
 
-def resolve_device(device: str | None, local_rank: int = 0) -> str:
-    import torch
+def resolve_device(device: str | None, local_rank: int | None = None) -> str:
+    """``auto`` -> ``cuda:<local rank>`` with CUDA, else ``cpu``; ``cuda`` -> ``cuda:<local
+    rank>``; anything else as given (:func:`netsurv.distributed.device_for`)."""
+    from netsurv.distributed import DistEnv, device_for
 
-    device = "auto" if device is None else str(device)
-    if device == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return f"cuda:{local_rank}"
-    return device
+    env = None if local_rank is None else DistEnv(0, 1, int(local_rank), "single")
+    return device_for(device, env or stage_env())
 
 
 def _container(x) -> dict:
@@ -75,130 +79,145 @@ def _container(x) -> dict:
     return dict(x)
 
 
-def _ensure_tiles(slides: pd.DataFrame, params: dict, tiles_out: Path, tcfg: dict) -> dict:
-    """Tile the slides that lack a valid coords file; {slide_id: failure reason}."""
-    from netsurv.pathology.tiling import normalise_params, params_hash
-    from netsurv.tasks.tile import _is_done, _slide_override, tile_cohort, tile_options
-
-    phash = params_hash(params)
-    p = normalise_params(params)
-    todo = [i for i, r in enumerate(slides.to_dict("records"))
-            if not _is_done(tiles_out / f"{r['slide_id']}.h5", phash, _slide_override(r, p))]
-    if not todo:
-        return {}
-    res = tile_cohort(slides.iloc[todo], params, tiles_out, **tile_options(tcfg))
-    print(f"embed: tiled {res['n_done']} slide(s) first, {res['n_failed']} failed -> {tiles_out}")
-    return {str(r.slide_id): f"tiling failed: {r.error_type}: {r.error}"
-            for r in res["failures"].itertuples(index=False)}
-
-
 def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
-    """Tile (where needed) and embed this rank's share of the slides of ``cohort``.
+    """Tile (where needed) and embed the slides of ``cohort``; on several ranks, each rank
+    its share, every rank returning the complete result.
 
     ``cohort``: a :class:`~netsurv.cohort.schema.Cohort` or a slides DataFrame
     (``patient_id``, ``slide_id``, ``path``, optional ``mpp``).  ``cfg``: mapping with
     ``data.derived``, ``tiling`` (parameters), ``encoder`` (``configs/encoder/*.yaml``),
     optional ``embed`` (device, batch_size, num_workers, decode_threads, prefetch, backend,
-    channels_last, progress) and ``tile`` (options for the tiling job).  ``encoder``: an already built
-    :class:`~netsurv.pathology.encoders.Encoder` to use instead of building ``cfg.encoder``.
+    channels_last, dtype, progress) and ``tile`` (options for the tiling job).  ``encoder``:
+    an already built :class:`~netsurv.pathology.encoders.Encoder` to use instead of building
+    ``cfg.encoder``.  Returns counts, ``out`` (the embeddings folder), ``index`` and
+    ``failures`` (DataFrames over all slides, in the order of ``cohort``'s slides).
     """
-    from tqdm import tqdm
-
-    from netsurv.pathology.embed import embed_slide, encoder_attrs, is_embedded
+    from netsurv.pathology.embed import (embed_slide, embedded_tiles, encoder_attrs,
+                                         storage_dtype)
     from netsurv.pathology.encoders import build_encoder_from_config
     from netsurv.pathology.tiling import params_hash
-    from netsurv.tasks.tile import output_dir
+    from netsurv.runtime import keep_freed_memory, release_free_memory
+    from netsurv.tasks.tile import output_dir, tile_cohort, tile_options
 
     t0 = time.perf_counter()
     slides = getattr(cohort, "slides", cohort)
     if slides is None or len(slides) == 0:
         raise ValueError("no slides to embed (slides.csv missing or empty)")
+    env = stage_env()
     ecfg = _container(cfg.get("embed"))
     tcfg = _container(cfg.get("tile"))
     params = _container(cfg["tiling"])
     derived = cfg["data"]["derived"]
-    rank, world, local = shard_info()
-    mine = shard(slides, rank, world)
+    dtype = storage_dtype(ecfg.get("dtype"))
 
     tiles_out = output_dir(derived, params)
     phash = params_hash(params)
-    tiling_fail = _ensure_tiles(mine, params, tiles_out, tcfg) if len(mine) else {}
+    tres = tile_cohort(slides, params, tiles_out, **tile_options(tcfg))
+    if tres["n_done"] and env.rank == 0:
+        print(f"embed: tiled {tres['n_done']} slide(s) first, {tres['n_failed']} failed -> "
+              f"{tiles_out}")
+    tiling_fail = {str(r.slide_id): r for r in tres["failures"].itertuples(index=False)}
 
     enc_cfg = _container(cfg["encoder"])
-    if encoder is None:
-        encoder = build_encoder_from_config(enc_cfg, resolve_device(ecfg.get("device"), local))
-        cl = ecfg.get("channels_last")
-        if cl is not None and bool(cl) != encoder.channels_last:
-            import torch
-
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            encoder.model = encoder.model.to(memory_format=fmt)
-            encoder.channels_last = bool(cl)
     batch_size = int(ecfg.get("batch_size") or enc_cfg.get("batch_size") or 64)
-    out = embeddings_dir(derived, encoder, phash)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "encoder.json").write_text(json.dumps(
-        {**encoder_attrs(encoder), "transform_config": encoder.transform_config(),
-         "tiling_params_hash": phash, "batch_size": batch_size}, indent=2, default=str))
+    records = slides.to_dict("records")
+    order = sorted(range(len(records)), key=lambda i: str(records[i]["slide_id"]))
+    mine = _shard([i for i in order if str(records[i]["slide_id"]) not in tiling_fail], env)
+    st: dict = {"encoder": encoder}
 
-    rows, failures = [], []
-    n_done = n_skipped = 0
-    bar = tqdm(mine.to_dict("records"), desc=f"embed[{rank}/{world}]", unit="slide",
-               disable=not bool(ecfg.get("progress", True)))
-    from netsurv.runtime import keep_freed_memory, release_free_memory
+    def paths(i):
+        sid = str(records[i]["slide_id"])
+        return sid, tiles_out / f"{sid}.h5", st["out"] / f"{sid}.h5"
 
-    # the loop's big per-batch tensors are reused instead of page-faulted in afresh
-    # (CPU lite0: 29 -> 65 img/s; netsurv.runtime); freed memory goes back afterwards
-    with keep_freed_memory():
-        for r in bar:
-            sid = str(r["slide_id"])
-            coords_h5 = tiles_out / f"{sid}.h5"
-            h5 = out / f"{sid}.h5"
-            rec = {"slide_id": sid, "patient_id": r.get("patient_id"), "coords_h5": str(coords_h5),
-                   "h5": str(h5), "n_tiles": 0, "status": "", "seconds": 0.0}
-            ts = time.perf_counter()
-            if sid in tiling_fail:
-                rec["status"] = "failed"
-                failures.append({"slide_id": sid, "reason": tiling_fail[sid]})
-            elif is_embedded(h5, encoder, coords_h5):
-                import h5py
+    def lookup(i):
+        _, coords_h5, h5 = paths(i)
+        return embedded_tiles(h5, st["encoder"], coords_h5, dtype=dtype, verified=st["memo"])
 
-                with h5py.File(h5, "r") as f:
-                    rec["n_tiles"] = int(f["features"].shape[0])
-                rec["status"] = "skipped"
-                n_skipped += 1
-            else:
-                bar.set_postfix_str(sid)
-                try:
-                    rec["n_tiles"] = embed_slide(
-                        coords_h5, encoder, h5, batch_size, int(ecfg.get("num_workers", 0) or 0),
-                        backend=str(ecfg.get("backend", "auto")),
-                        decode_threads=int(ecfg.get("decode_threads", 2) or 1),
-                        prefetch=default_prefetch(ecfg.get("prefetch"), encoder.device),
-                        slide_path=r.get("path"), slide_id=sid)
-                    rec["status"] = "done"
-                    n_done += 1
-                except Exception as e:  # noqa: BLE001 - record and go on with the other slides
-                    rec["status"] = "failed"
-                    failures.append({"slide_id": sid, "reason": f"{type(e).__name__}: {e}"})
-            rec["seconds"] = round(time.perf_counter() - ts, 3)
-            rows.append(rec)
+    def embed_one(i) -> int:
+        sid, coords_h5, h5 = paths(i)
+        enc = st["encoder"]
+        try:
+            n = embed_slide(
+                coords_h5, enc, h5, batch_size, int(ecfg.get("num_workers", 0) or 0),
+                backend=str(ecfg.get("backend", "auto")),
+                decode_threads=int(ecfg.get("decode_threads", 2) or 1),
+                prefetch=default_prefetch(ecfg.get("prefetch"), enc.device),
+                slide_path=records[i].get("path"), slide_id=sid, dtype=dtype)
+        finally:
             release_free_memory()  # bounded RSS: reuse within a slide, not across the cohort
+        st["memo"].add(h5)
+        return n
 
-    suffix = "" if world == 1 else f".rank{rank}"
+    def local():
+        # everything a rank may fail at on its own (device, disk) runs in here: the error then
+        # reaches the other ranks instead of leaving them waiting
+        if st["encoder"] is None:
+            enc = build_encoder_from_config(enc_cfg, resolve_device(ecfg.get("device")))
+            cl = ecfg.get("channels_last")
+            if cl is not None and bool(cl) != enc.channels_last:
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                enc.model = enc.model.to(memory_format=fmt)
+                enc.channels_last = bool(cl)
+            st["encoder"] = enc
+        enc = st["encoder"]
+        out = st["out"] = embeddings_dir(derived, enc, phash)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "encoder.json", json.dumps(
+            {**encoder_attrs(enc), "transform_config": enc.transform_config(),
+             "tiling_params_hash": phash, "batch_size": batch_size}, indent=2, default=str))
+        clean_stale_temps(out)
+        st["memo"] = VerifiedFiles(out)
+        # the loop's big per-batch tensors are reused instead of page-faulted in afresh
+        # (CPU lite0: 29 -> 65 img/s; netsurv.runtime); freed memory goes back afterwards
+        with keep_freed_memory():
+            outcomes = run_items(mine, key=lambda i: paths(i)[0], lookup=lookup,
+                                 compute=embed_one, locks=ItemLocks(out),
+                                 progress=bool(ecfg.get("progress", True)),
+                                 desc=f"embed[{env.rank}/{env.world_size}]", unit="slide",
+                                 what="embeddings file")
+        st["memo"].save()
+        return [(i, o.status, o.value or 0, round(o.seconds, 3), o.error_type, o.error)
+                for i, o in zip(mine, outcomes)]
+
+    got = {r[0]: r[1:] for part in gather(local, what="embedding", env=env) for r in part}
+    encoder, out = st["encoder"], st["out"]
+    rows, fails = [], []
+    for i, r in enumerate(records):
+        sid, coords_h5, h5 = paths(i)
+        rec = {"slide_id": sid, "patient_id": r.get("patient_id"), "coords_h5": str(coords_h5),
+               "h5": str(h5), "n_tiles": 0, "status": "failed", "seconds": 0.0}
+        fail = None
+        if sid in tiling_fail:
+            t = tiling_fail[sid]
+            fail = ("tiling", t.error_type, t.error, f"tiling failed: {t.error_type}: {t.error}")
+        else:
+            status, n, secs, et, err = got[i]
+            rec.update(status=status, n_tiles=int(n), seconds=secs)
+            if status == "failed":
+                fail = ("embedding", et, err, f"{et}: {err}")
+        if fail is not None:
+            fails.append({"stage": fail[0], "patient_id": r.get("patient_id"), "item_id": sid,
+                          "path": str(r.get("path")), "error_type": fail[1], "error": fail[2],
+                          "slide_id": sid, "reason": fail[3]})
+        rows.append(rec)
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
-    fails = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
-    index.to_csv(out / f"index{suffix}.csv", index=False)
-    fails.to_csv(out / f"failures{suffix}.csv", index=False)
-    secs = time.perf_counter() - t0
-    n_new = int(index.loc[index.status == "done", "n_tiles"].sum())
+    failures = pd.DataFrame(fails, columns=FAILURE_COLUMNS)
+
+    def write_tables():
+        write_csv(out / "index.csv", index)
+        write_csv(out / "failures.csv", failures)
+
+    rank_zero(write_tables, what="embedding", env=env)
+    st = index["status"]
+    n_new = int(index.loc[st == "done", "n_tiles"].sum())
     return {"out": str(out), "tiles_dir": str(tiles_out), "tiling_params_hash": phash,
             "encoder": encoder.name, "weights_source": encoder.weights_source,
-            "precision": encoder.precision, "device": str(encoder.device),
-            "rank": rank, "world_size": world, "n_slides": len(index), "n_done": n_done,
-            "n_skipped": n_skipped, "n_failed": len(fails),
-            "n_tiles": int(index["n_tiles"].sum()), "n_tiles_embedded": n_new,
-            "seconds": secs, "index": index, "failures": fails}
+            "precision": encoder.precision, "dtype": dtype, "device": str(encoder.device),
+            "rank": env.rank, "world_size": env.world_size, "n_slides": len(index),
+            "n_done": int((st == "done").sum()), "n_skipped": int((st == "skipped").sum()),
+            "n_failed": len(failures), "n_tiles": int(index["n_tiles"].sum()),
+            "n_tiles_embedded": n_new, "seconds": time.perf_counter() - t0,
+            "index": index, "failures": failures}
 
 
 def default_prefetch(value, device) -> int:
@@ -217,10 +236,12 @@ def run(cfg: DictConfig) -> dict:
     if cohort.slides is None or len(cohort.slides) == 0:
         raise CohortError(f"{cohort.root}: no slides.csv (or it is empty): nothing to embed")
     res = embed_cohort(cohort, cfg)
-    print(f"embed[rank {res['rank']}/{res['world_size']}]: {res['n_done']} embedded, "
-          f"{res['n_skipped']} skipped (already done), {res['n_failed']} failed; "
-          f"{res['n_tiles_embedded']} tiles in {res['seconds']:.1f} s "
-          f"({res['encoder']}, {res['precision']}, {res['device']}) -> {res['out']}")
-    if res["n_failed"]:
-        print(f"embed: failure reasons in {res['out']}/failures*.csv")
+    if res["rank"] == 0:
+        ranks = f" on {res['world_size']} ranks" if res["world_size"] > 1 else ""
+        print(f"embed: {res['n_done']} embedded, {res['n_skipped']} skipped (already done), "
+              f"{res['n_failed']} failed; {res['n_tiles_embedded']} tiles in "
+              f"{res['seconds']:.1f} s{ranks} ({res['encoder']}, {res['precision']}, "
+              f"{res['dtype']}, {res['device']}) -> {res['out']}")
+        if res["n_failed"]:
+            print(f"embed: failure reasons in {res['out']}/failures.csv")
     return {k: v for k, v in res.items() if k not in ("index", "failures")}

@@ -17,9 +17,13 @@ Config keys read (the train config provides them):
 
 Output folder: ``pathomics.csv`` (patient_id + features: tile-weighted mean of the patient's
 slides), ``slides.csv`` (per slide: features, tiles measured, nuclei, seconds),
-``failures.csv`` (patient_id, slide_id, path, stage, error), ``params.json`` and
-``slides/<slide_id>-<key>.json``, one per slide, keyed by the slide file, its coords file and
-the parameter hash; a rerun recomputes only slides whose key changed.
+``failures.csv`` (stage, patient_id, item_id, path, error_type, error, slide_id),
+``params.json`` and ``slides/<slide_id>-<key>.json``, one per slide, keyed by the slide file,
+its coords file and the parameter hash; a rerun recomputes only slides whose key changed.
+The slide files are verified JSON (a damaged one is logged, deleted and recomputed), each
+slide is measured under a lock (two jobs never measure one slide twice), and on several
+ranks each rank measures ``slides[rank::world_size]`` while every rank returns the whole
+table (the same cached loop as radiomics: :func:`netsurv.stages.json_map`).
 """
 from __future__ import annotations
 
@@ -27,7 +31,6 @@ import hashlib
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
@@ -37,7 +40,7 @@ from netsurv.cohort.schema import Cohort, CohortError
 
 __all__ = ["output_dir", "extract", "extract_slides", "run", "FAILURE_COLUMNS"]
 
-FAILURE_COLUMNS = ["patient_id", "slide_id", "path", "stage", "error"]
+FAILURE_COLUMNS = ["stage", "patient_id", "item_id", "path", "error_type", "error", "slide_id"]
 INFO_COLUMNS = ["n_tiles", "n_tiles_total", "n_nuclei", "tissue_mm2", "mpp", "seconds"]
 
 
@@ -66,16 +69,25 @@ def _stat(p) -> str:
     return f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def _job(args):
+def _job(args) -> dict:
     sid, h5, path, params = args
     from netsurv.pathology.morphology import slide_features
 
     t0 = time.perf_counter()
     try:
         feats, info = slide_features(h5, path, params, slide_id=sid)
-        return sid, feats, info, None
+        return {"features": feats, "info": info}
     except Exception as exc:  # noqa: BLE001 - recorded; the other slides go on
-        return sid, None, {"seconds": time.perf_counter() - t0}, f"{type(exc).__name__}: {exc}"
+        return {"error_type": type(exc).__name__, "error": f"{type(exc).__name__}: {exc}",
+                "seconds": time.perf_counter() - t0}
+
+
+def _record(item, res: dict) -> dict:
+    from netsurv.stages import ItemFailed
+
+    if "error" in res:
+        raise ItemFailed(res["error_type"], res["error"])
+    return {"features": res["features"], "info": res["info"]}
 
 
 def _worker_init():
@@ -95,65 +107,51 @@ def extract_slides(index: pd.DataFrame, params: dict, phash: str, out: Path, *, 
     """Measure the slides of a tiling ``index`` (slide_id, patient_id, path, h5, status).
 
     Returns ``(slides, failures)``: per-slide features + :data:`INFO_COLUMNS`, and the failed
-    slides.  Cached slides (same key) are read back, the others computed and cached."""
-    from tqdm.auto import tqdm
+    slides.  Cached slides (same key) are read back, the others computed and cached.  On
+    several ranks each rank measures its share and every rank returns the whole tables."""
+    from netsurv.stages import ItemLocks, clean_stale_temps, gather, json_map, shard, stage_env
 
     cache_dir = out / "slides"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    done, todo, failures = {}, [], []
-    meta = {}
-    for r in index.itertuples(index=False):
-        sid = str(r.slide_id)
-        meta[sid] = (r.patient_id, str(r.path))
-        try:
-            key = hashlib.sha256(f"{sid}|{_stat(r.path)}|{_stat(r.h5)}|{phash}".encode()
-                                 ).hexdigest()[:16]
-        except OSError as exc:
-            failures.append({"patient_id": r.patient_id, "slide_id": sid, "path": str(r.path),
-                             "stage": "morphology", "error": f"cannot read input: {exc}"})
-            continue
-        cache = cache_dir / f"{sid}-{key}.json"
-        if cache.is_file():
-            done[sid] = json.loads(cache.read_text())
+    env = stage_env()
+    rows = [r._asdict() for r in index.itertuples(index=False)]
+    order = sorted(range(len(rows)), key=lambda i: str(rows[i]["slide_id"]))
+
+    def local():
+        clean_stale_temps(out, subdirs=("slides",))
+        items, pre = [], []
+        for i in shard(order, env):
+            r = rows[i]
+            sid = str(r["slide_id"])
+            try:
+                key = hashlib.sha256(f"{sid}|{_stat(r['path'])}|{_stat(r['h5'])}|{phash}"
+                                     .encode()).hexdigest()[:16]
+            except OSError as exc:
+                pre.append((i, "failed", None, type(exc).__name__, f"cannot read input: {exc}"))
+                continue
+            items.append({"i": i, "sid": sid, "h5": str(r["h5"]), "path": str(r["path"]),
+                          "cache": cache_dir / f"{sid}-{key}.json"})
+        outcomes = json_map(
+            items, key=lambda it: it["sid"], path=lambda it: it["cache"], compute=_job,
+            record=_record, required=("features", "info"),
+            payload=lambda it: (it["sid"], it["h5"], it["path"], params),
+            locks=ItemLocks(out), n_jobs=int(n_jobs), initializer=_worker_init,
+            progress=progress, desc="pathomics", unit="slide", what="pathomics slide")
+        return pre + [(it["i"], o.status, o.value, o.error_type, o.error)
+                      for it, o in zip(items, outcomes)]
+
+    got = {r[0]: r[1:] for part in gather(local, what="pathomics", env=env) for r in part}
+    done, failures = [], []
+    for i, r in enumerate(rows):
+        status, value, et, err = got[i]
+        if status == "failed":
+            failures.append({"stage": "morphology", "patient_id": r["patient_id"],
+                             "item_id": str(r["slide_id"]), "path": str(r["path"]),
+                             "error_type": et, "error": err, "slide_id": str(r["slide_id"])})
         else:
-            todo.append(((sid, str(r.h5), str(r.path), params), cache))
-
-    if todo:
-        caches = {args[0]: cache for args, cache in todo}
-        bar = tqdm(total=len(todo), desc="pathomics", unit="slide", disable=not progress)
-
-        def record(res):
-            sid, feats, info, err = res
-            if err is None:
-                rec = {"features": feats, "info": info}
-                cache = caches[sid]
-                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(rec))
-                os.replace(tmp, cache)  # atomic: an interrupted run never leaves half a slide
-                done[sid] = rec
-            else:
-                pid, path = meta[sid]
-                failures.append({"patient_id": pid, "slide_id": sid, "path": path,
-                                 "stage": "morphology", "error": err})
-            bar.update(1)
-
-        if n_jobs <= 1 or len(todo) == 1:
-            for args, _ in todo:
-                record(_job(args))
-        else:
-            with ProcessPoolExecutor(min(n_jobs, len(todo)), initializer=_worker_init) as pool:
-                futures = [pool.submit(_job, args) for args, _ in todo]
-                for fut in as_completed(futures):
-                    record(fut.result())
-        bar.close()
-
-    rows = []
-    for r in index.itertuples(index=False):
-        sid = str(r.slide_id)
-        if sid in done:
-            rows.append({"patient_id": r.patient_id, "slide_id": sid, **done[sid]["info"],
-                         **done[sid]["features"]})
-    return pd.DataFrame(rows), pd.DataFrame(failures, columns=FAILURE_COLUMNS)
+            done.append({"patient_id": r["patient_id"], "slide_id": str(r["slide_id"]),
+                         **value["info"], **value["features"]})
+    return pd.DataFrame(done), pd.DataFrame(failures, columns=FAILURE_COLUMNS)
 
 
 def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
@@ -166,6 +164,7 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
     also written to :func:`output_dir` (``pathomics.csv``, ``failures.csv``)."""
     from netsurv.pathology.morphology import combine_slides, params_hash
     from netsurv.pathology.tiling import params_hash as tiling_hash
+    from netsurv.stages import rank_zero, stage_env, write_csv, write_text
     from netsurv.tasks.tile import output_dir as tiles_dir
     from netsurv.tasks.tile import tile_cohort, tile_options
 
@@ -177,7 +176,7 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
     phash = params_hash(morph, thash)
     out = Path(str(cfg.data.derived)) / "pathomics" / phash
     out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(
+    write_text(out / "params.json", json.dumps(
         {"params_hash": phash, "tiling_hash": thash, "morphology": morph, "tiling": tiling},
         indent=2, sort_keys=True, default=str))
 
@@ -185,7 +184,7 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
     tres = tile_cohort(cohort.slides, tiling, tiles_dir(cfg.data.derived, tiling),
                        **{**tile_options(tcfg), "progress": progress})
     tfail = tres["failures"].assign(
-        stage="tiling", error=lambda d: d["error_type"] + ": " + d["error"])[FAILURE_COLUMNS]
+        error=lambda d: d["error_type"] + ": " + d["error"])[FAILURE_COLUMNS]
     index = tres["index"]
     index = index[index["status"].isin(["done", "skipped"])]
 
@@ -195,10 +194,15 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
     feature_cols = [c for c in slides.columns if c not in info]
     table = combine_slides(slides, feature_cols) if len(slides) else pd.DataFrame(
         columns=["patient_id"])
-    slides.to_csv(out / "slides.csv", index=False)
-    table.to_csv(out / "pathomics.csv", index=False)
-    failures.to_csv(out / "failures.csv", index=False)
-    if len(failures):
+
+    def write_tables():
+        write_csv(out / "slides.csv", slides)
+        write_csv(out / "pathomics.csv", table)
+        write_csv(out / "failures.csv", failures)
+
+    env = stage_env()
+    rank_zero(write_tables, what="pathomics", env=env)
+    if len(failures) and env.rank == 0:
         print(f"pathomics: {len(failures)} slide(s) failed; reasons in {out / 'failures.csv'}")
     return table, failures
 
@@ -215,7 +219,11 @@ def run(cfg: DictConfig) -> dict:
     except (pd.errors.EmptyDataError, KeyError):  # no slide measured
         n_tiles = 0
     secs = time.perf_counter() - t0
-    print(f"pathomics: {len(table)} patient(s), {table.shape[1] - 1} features, {n_tiles} tiles "
-          f"measured, {len(failures)} failure(s), {secs:.1f} s -> {out / 'pathomics.csv'}")
+    from netsurv.stages import stage_env
+
+    if stage_env().rank == 0:
+        print(f"pathomics: {len(table)} patient(s), {table.shape[1] - 1} features, {n_tiles} "
+              f"tiles measured, {len(failures)} failure(s), {secs:.1f} s -> "
+              f"{out / 'pathomics.csv'}")
     return {"n_patients": len(table), "n_features": table.shape[1] - 1, "n_tiles": n_tiles,
             "n_failed": len(failures), "seconds": secs, "table": str(out / "pathomics.csv")}

@@ -16,8 +16,12 @@ def output_dir(cfg: DictConfig, params: dict) -> Path:
 
 
 def extract(cohort: Cohort, cfg: DictConfig, progress: bool = True) -> tuple[pd.DataFrame, Path]:
-    """Run (or resume) extraction for ``cohort``; cached cases are not recomputed."""
-    from netsurv.radiology.radiomics import extract_cohort
+    """Run (or resume) extraction for ``cohort``; cached cases are not recomputed.
+
+    May be called on every rank of a job: each rank extracts its share of the cases and every
+    rank returns the whole table."""
+    from netsurv.radiology.radiomics import case_notes, extract_cohort
+    from netsurv.stages import stage_env
 
     if cohort.ct is None:
         raise CohortError(f"{cohort.root}: no ct.csv, so there is no CT to extract radiomics from")
@@ -25,9 +29,24 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = True) -> tuple[pd.
     out = output_dir(cfg, params)
     table, failures = extract_cohort(cohort.ct, params, out, n_jobs=int(params.get("n_jobs", 1)),
                                      progress=progress)
+    if stage_env().rank == 0:
+        summarise(failures, case_notes(out), out)
+    return table, out
+
+
+def summarise(failures: pd.DataFrame, notes: pd.DataFrame, out: Path, shown: int = 5) -> None:
+    """Console summary of failed cases and of cases with reading notes."""
     if len(failures):
         print(f"radiomics: {len(failures)} case(s) failed; reasons in {out / 'failures.csv'}")
-    return table, out
+        for r in failures.head(shown).itertuples(index=False):
+            print(f"  {r.patient_id}: {r.reason}")
+    if len(notes):
+        print(f"radiomics: {len(notes)} case(s) extracted with notes (column 'notes' of "
+              f"{out / 'failures.csv'}):")
+        for r in notes.head(shown).itertuples(index=False):
+            print(f"  {r.patient_id}: {r.notes}")
+        if len(notes) > shown:
+            print(f"  ... and {len(notes) - shown} more")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -36,5 +55,9 @@ def run(cfg: DictConfig) -> dict:
     cohort = resolve_cohort(cfg.data)
     table, out = extract(cohort, cfg)
     n_feat = sum(1 for c in table.columns if c.startswith(("original_", "log-", "wavelet-")))
-    print(f"radiomics: {len(table)} case(s), {n_feat} features per case -> {out / 'radiomics.csv'}")
+    from netsurv.stages import stage_env
+
+    if stage_env().rank == 0:
+        print(f"radiomics: {len(table)} case(s), {n_feat} features per case -> "
+              f"{out / 'radiomics.csv'}")
     return {"n_cases": len(table), "n_features": n_feat, "table": str(out / "radiomics.csv")}
