@@ -170,6 +170,10 @@ def _summary(values: dict) -> dict:
 
 
 def _run(cfg: DictConfig, out: Path) -> dict:
+    if is_deep(cfg):  # a trainer that cannot run here fails now, not after the stages
+        from netsurv.cluster import check_trainer
+
+        check_trainer(cfg.trainer)
     cohort = resolve_cohort(cfg.data)
     target = str(cfg.target)
     modalities = list(cfg.modalities)

@@ -86,7 +86,6 @@ def build_net(cfg: DictConfig, dims: dict[str, int], out_dim: int):
 
 
 def _trainer(cfg: DictConfig, out: Path, split: str):
-    import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     # Lightning's banner (GPU/TPU availability, tips) would repeat once per split
@@ -99,14 +98,14 @@ def _trainer(cfg: DictConfig, out: Path, split: str):
     if oc.patience:
         callbacks.append(EarlyStopping(monitor="val/cindex_smooth", mode="max",
                                        patience=int(oc.patience)))
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("_target_", None)
     from lightning.pytorch.loggers import CSVLogger
 
-    trainer = L.Trainer(max_epochs=int(oc.max_epochs), min_epochs=int(oc.get("min_epochs", 0)),
-                        callbacks=callbacks,
-                        logger=CSVLogger(out / "logs", name=split, version=""),
-                        default_root_dir=out, **kwargs)
+    from netsurv.cluster import make_trainer
+
+    trainer = make_trainer(cfg.trainer, max_epochs=int(oc.max_epochs),
+                           min_epochs=int(oc.get("min_epochs", 0)), callbacks=callbacks,
+                           logger=CSVLogger(out / "logs", name=split, version=""),
+                           default_root_dir=out)
     return trainer, ckpt
 
 
