@@ -227,6 +227,11 @@ def fit_resources(params: dict, trainer_cfg) -> dict:
             f"trainer.devices={tasks} for one process per device, or tasks_per_node=1")
     wants_gpu = accelerator in ("gpu", "cuda")
     asked = params.get("gpus_per_node") or params.get("gpus_per_task") or params.get("gres")
+    gpn = _as_int(params.get("gpus_per_node"))
+    if ddp and gpn and accelerator in ("gpu", "cuda", "auto") and devices and gpn < devices:
+        raise LaunchError(
+            f"hydra.launcher.gpus_per_node={gpn} but {devices} DDP processes per node: each "
+            f"process drives one GPU; set hydra.launcher.gpus_per_node={devices}")
     if wants_gpu and not asked:
         params["gpus_per_node"] = devices or tasks
         log.info("trainer.accelerator=%s: requesting gpus_per_node=%s", accelerator,
@@ -348,7 +353,9 @@ class SweepJobsMixin:
                     "error": line, "log": str(_task_paths(job, task).stderr),
                     "slurm_job_id": str(job.job_id)})
         try:
-            update_results(sweep_dir, quiet=False)
+            # printed here only when jobs failed: Hydra then stops before on_multirun_end,
+            # which prints the table of a sweep that succeeded
+            update_results(sweep_dir, quiet=not failed)
         except Exception as exc:  # noqa: BLE001 - the table must not hide the jobs' own errors
             log.warning("results table not written: %s", exc)
         if failed:

@@ -9,6 +9,7 @@ NETSURV_SLURM_KEEP=1 leaves the daemons this session started running for the nex
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def slurm(request):
         how = ensure_installed()
         cluster = Cluster(state)
         how += "; " + cluster.start()
-    except SlurmUnavailable as exc:
+    except (SlurmUnavailable, OSError, subprocess.SubprocessError) as exc:
         reason = f"no test SLURM cluster: {exc}"
         _say(request.config, reason)
         pytest.skip(reason)

@@ -168,10 +168,14 @@ def test_slurm_launcher_gpu_and_ddp_resources(plain_env, tmp_path):
     (["trainer=ddp", "trainer.devices=2", "hydra.launcher.tasks_per_node=2",
       "trainer.num_nodes=2"], "hydra.launcher.nodes=1"),
     (["trainer=cpu", "hydra.launcher.tasks_per_node=2"], "trainer=ddp trainer.devices=2"),
+    (["hydra/launcher=slurm_gpu", "trainer=ddp", "hydra.launcher.tasks_per_node=4"],
+     "hydra.launcher.gpus_per_node=4"),
 ])
 def test_slurm_launcher_refuses_resources_that_do_not_fit_the_trainer(plain_env, tmp_path,
                                                                       overrides, needle):
-    cfg = _launcher("hydra/launcher=slurm", *overrides, f"hydra.sweep.dir={tmp_path}")
+    launcher = [o for o in overrides if o.startswith("hydra/launcher=")] or ["hydra/launcher=slurm"]
+    cfg = _launcher(*launcher, *[o for o in overrides if o not in launcher],
+                    f"hydra.sweep.dir={tmp_path}")
     with pytest.raises(LaunchError, match=needle.replace(".", r"\.")):
         fit_resources(_params(cfg), cfg.trainer)
 
