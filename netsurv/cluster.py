@@ -83,8 +83,9 @@ def trainer_kwargs(trainer_cfg: DictConfig | dict) -> dict[str, Any]:
     ``precision: auto`` -> :func:`auto_precision`; ``devices: auto`` -> one device per process
     when torchrun/SLURM started the processes (Lightning wants devices = processes per node and
     would otherwise count 1 CPU or all GPUs), else Lightning's auto; ``num_nodes: auto`` -> the
-    launcher's node count, else 1.  Under SLURM, Lightning's own requeue on SIGUSR1 is turned
-    off: the launcher requeues the whole job (submitit, USR2) and the runner resumes it; two
+    launcher's node count, else 1.  The cluster environment is the one netsurv.distributed
+    takes the ranks from (torchrun's wins, also inside an sbatch allocation).  Under SLURM,
+    Lightning's own requeue on SIGUSR1 is turned off: the launcher requeues the whole job (submitit, USR2) and the runner resumes it; two
     requeue mechanisms would race, and Lightning's HPC checkpoint of one split would be restored
     into the next split's Trainer (they share ``default_root_dir``)."""
     kw = (OmegaConf.to_container(trainer_cfg, resolve=True) if OmegaConf.is_config(trainer_cfg)
@@ -98,15 +99,20 @@ def trainer_kwargs(trainer_cfg: DictConfig | dict) -> dict[str, Any]:
         kw["devices"] = topo[0]
     if str(kw.get("num_nodes", 1)) == "auto":
         kw["num_nodes"] = topo[1] if topo is not None else 1
-    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.fabric.plugins.environments import ClusterEnvironment
+    from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    if "SLURM_NTASKS" in os.environ and SLURMEnvironment.detect():
-        plugins = kw.get("plugins") or []
-        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-        if not any(isinstance(p, SLURMEnvironment) for p in plugins):
-            from lightning.pytorch.plugins.environments import SLURMEnvironment as PLSlurm
+    from netsurv.distributed import dist_env
 
-            plugins.append(PLSlurm(auto_requeue=False))
+    plugins = kw.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        if dist_env().source == "torchrun":
+            # torchrun inside an sbatch allocation: Lightning would pick SLURM's (one task)
+            plugins.append(TorchElasticEnvironment())
+        elif "SLURM_NTASKS" in os.environ and SLURMEnvironment.detect():
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+    if plugins:
         kw["plugins"] = plugins
     return kw
 

@@ -77,6 +77,14 @@ def test_auto_devices_and_nodes_follow_torchrun(plain_env):
         plain_env.setenv(k, v)
     kw = trainer_kwargs(_trainer("trainer=ddp", "trainer.accelerator=cpu"))
     assert (kw["devices"], kw["num_nodes"]) == (2, 2)
+    (env,) = kw["plugins"]
+    assert type(env).__name__ == "TorchElasticEnvironment"
+    # torchrun inside a one-task sbatch allocation: torchrun's ranks, not SLURM's
+    for k, v in {"SLURM_JOB_ID": "5", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "job"}.items():
+        plain_env.setenv(k, v)
+    trainer = make_trainer(_trainer("trainer=ddp", "trainer.accelerator=cpu"), logger=False,
+                           enable_checkpointing=False)
+    assert (trainer.global_rank, trainer.world_size, trainer.num_nodes) == (3, 4, 2)
     # explicit values are left to Lightning (which checks them against torchrun's world)
     kw = trainer_kwargs(_trainer("trainer=ddp", "trainer.devices=1", "trainer.num_nodes=4"))
     assert (kw["devices"], kw["num_nodes"]) == (1, 4)
