@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from netsurv.evaluation.inputs import make_harmonizer
 from netsurv.evaluation.records import RunData, SplitFit
@@ -136,9 +136,10 @@ def make_trainer(cfg: DictConfig, out: Path, split: str, ckdir: Path):
     """(Trainer, best-checkpoint callback) of one split; ``last.ckpt`` every epoch for resume,
     ``default_root_dir`` = the split's checkpoint folder (where Lightning's SLURM handler
     puts ``hpc_ckpt_*.ckpt``)."""
-    import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    from netsurv.cluster import make_trainer as lightning_trainer
 
     # Lightning's banner (GPU/TPU availability, tips) would repeat once per split
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -152,13 +153,13 @@ def make_trainer(cfg: DictConfig, out: Path, split: str, ckdir: Path):
     if oc.patience:
         callbacks.append(EarlyStopping(monitor="val/cindex_smooth", mode="max",
                                        patience=int(oc.patience)))
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("_target_", None)
-    # the data module shards and batches for every rank itself (global batches, no padding)
-    kwargs["use_distributed_sampler"] = False
-    trainer = L.Trainer(max_epochs=int(oc.max_epochs), min_epochs=int(oc.get("min_epochs", 0)),
-                        callbacks=callbacks, logger=CSVLogger(out / "logs", name=split, version=""),
-                        default_root_dir=ckdir, **kwargs)
+    # `auto` precision/devices/num_nodes resolved and the cluster environment matched to the
+    # job's processes (netsurv.cluster); the data module shards and batches for every rank
+    # itself (global batches, no padding), hence no distributed sampler from Lightning
+    trainer = lightning_trainer(cfg.trainer, max_epochs=int(oc.max_epochs),
+                                min_epochs=int(oc.get("min_epochs", 0)), callbacks=callbacks,
+                                logger=CSVLogger(out / "logs", name=split, version=""),
+                                default_root_dir=ckdir, use_distributed_sampler=False)
     return trainer, ckpt
 
 

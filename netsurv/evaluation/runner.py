@@ -123,6 +123,10 @@ def prepare(cfg: DictConfig) -> RunData:
     """Stages and model inputs (every rank; the stages shard their work over the ranks)."""
     from netsurv.tasks.cohort import resolve_cohort
 
+    if is_deep(cfg):  # a trainer that cannot run here fails now, not after the stages
+        from netsurv.cluster import check_trainer
+
+        check_trainer(cfg.trainer)
     cohort = resolve_cohort(cfg.data)
     modalities = list(cfg.modalities)
     deep = is_deep(cfg)
