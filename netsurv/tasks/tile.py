@@ -3,9 +3,10 @@
 Per slide: open (mpp chain) -> tissue mask -> grid -> ``<out>/<slide_id>.h5`` (atomic) and
 ``<out>/qc/<slide_id>.png``, with ``<out> = <data.derived>/tiles/<params_hash>``.  Slides whose
 coords file exists with the same params hash and the same per-slide mpp override are
-skipped.  Failures (unreadable file, missing mpp, no tissue, ...) are written to
-``<out>/failures.csv`` and the other slides go on; ``<out>/index.csv`` lists every slide with
-its status and tile count.
+skipped.  Failures (unreadable file, missing or implausible mpp, no tissue, ...) are written
+to ``<out>/failures.csv`` and the other slides go on; every slide, failed ones included, gets
+a QC image (the reason in its title) and a row of ``<out>/index.csv`` (status, tiles, mpp and
+its source, tissue and the share excluded as marks, tile overlap, QC path, error).
 """
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = ["output_dir", "tile_cohort", "run"]
 
 FAILURE_COLUMNS = ["slide_id", "patient_id", "path", "error_type", "error"]
+# index.csv: one row per slide, failed ones included (the per-slide columns are
+# netsurv.pathology.tiling.RECORD_COLUMNS: status, tiles, mpp and its source, tissue and
+# marks, overlap, QC image, error)
+INDEX_COLUMNS = ["slide_id", "patient_id", "path", "h5", "n_tiles", "status", "n_grid_tiles",
+                 "n_gap_fill_tiles", "mpp", "mpp_source", "mpp_file", "mpp_file_source",
+                 "mpp_warning", "tissue_mm2", "marked_tissue_mm2", "marked_tissue_fraction",
+                 "overlap_factor", "qc", "error_type", "error"]
 
 
 def output_dir(derived, params: dict) -> Path:
@@ -34,6 +42,14 @@ def _slide_override(row, params: dict):
     if v is not None and not (isinstance(v, float) and math.isnan(v)) and not pd.isna(v):
         return float(v)
     return params.get("mpp_override")
+
+
+def _override_origin(row, params: dict) -> str:
+    """Where a slide's mpp override comes from (for the index's mpp_source)."""
+    v = row.get("mpp") if hasattr(row, "get") else None
+    if v is not None and not pd.isna(v):
+        return "slides.csv"
+    return "tiling.mpp_override"
 
 
 def _is_done(h5: Path, phash: str, override) -> bool:
@@ -79,9 +95,8 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
     """Tile every slide of ``slides`` (patient_id, slide_id, path, optional mpp) into ``out``."""
     from tqdm import tqdm
 
-    from netsurv.pathology.slides import open_slide
-    from netsurv.pathology.tiling import normalise_params, params_hash, tile_slide, write_coords
-    from netsurv.pathology.tissue import save_qc
+    from netsurv.pathology.tiling import (coords_record, normalise_params, params_hash,
+                                          tile_one_slide)
 
     params = normalise_params(params)
     phash = params_hash(params)
@@ -102,36 +117,29 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
         rec = {"slide_id": sid, "patient_id": row.get("patient_id"), "path": str(row["path"]),
                "h5": str(h5), "n_tiles": 0, "status": ""}
         if _is_done(h5, phash, override):
-            import h5py
-
-            with h5py.File(h5, "r") as f:
-                rec["n_tiles"] = int(f["coords"].shape[0])
-            rec["status"] = "skipped"
+            rec.update(coords_record(h5), status="skipped")
+            qc_png = out / "qc" / f"{sid}.png"
+            rec["qc"] = str(qc_png) if qc_png.is_file() else None
             n_skipped += 1
             rows.append(rec)
             continue
         bar.set_postfix_str(sid)
-        try:
-            with open_slide(row["path"], override, backend=backend) as slide:
-                res = tile_slide(slide, params, _user_mask(user_mask_dir, sid),
-                                 user_mask_downsample, device=device)
-                write_coords(h5, res, slide, slide_id=sid, params_hash_=phash)
-                if qc:
-                    save_qc(out / "qc" / f"{sid}.png", res.tissue, res.coords,
-                            res.plan.size_level0,
-                            title=f"{sid}: {res.n_grid} grid + {res.n_tiles - res.n_grid} "
-                                  f"gap-fill tiles, {slide.mpp:g} um/px [{slide.mpp_source}]",
-                            n_grid=res.n_grid)
-            rec["n_tiles"], rec["status"] = res.n_tiles, "done"
+        # the whole per-slide body (QC also for failed slides, the record's columns) lives in
+        # netsurv.pathology.tiling.tile_one_slide; it never raises for a slide's own problems
+        rec.update(tile_one_slide(
+            row["path"], h5, params, slide_id=sid, mpp_override=override,
+            mpp_origin=_override_origin(row, params), backend=backend,
+            user_mask=_user_mask(user_mask_dir, sid), user_mask_downsample=user_mask_downsample,
+            device=device, qc_path=out / "qc" / f"{sid}.png" if qc else None,
+            params_hash_=phash))
+        if rec["status"] == "done":
             n_done += 1
-        except Exception as e:  # noqa: BLE001 - record and go on with the other slides
-            rec["status"] = "failed"
+        else:
             failures.append({"slide_id": sid, "patient_id": row.get("patient_id"),
-                             "path": str(row["path"]), "error_type": type(e).__name__,
-                             "error": str(e)})
+                             "path": str(row["path"]), "error_type": rec["error_type"],
+                             "error": rec["error"]})
         rows.append(rec)
-    index = pd.DataFrame(rows, columns=["slide_id", "patient_id", "path", "h5", "n_tiles",
-                                        "status"])
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
     index.to_csv(out / "index.csv", index=False)
     pd.DataFrame(failures, columns=FAILURE_COLUMNS).to_csv(out / "failures.csv", index=False)
     return {"out": str(out), "params_hash": phash, "n_slides": len(index), "n_done": n_done,
