@@ -59,6 +59,7 @@ MORPHOLOGY_DEFAULTS = {
     "mark_smooth_um": 1.0,        # colour of marks judged on this gaussian-smoothed image
     "mark_dilate_um": 1.0,        # ... and their rims excluded too
     "min_nucleus_um2": 10.0,
+    "max_clump_um2": 1500.0,      # connected nuclear-stain regions larger than this are dropped
     "split_min_distance_um": 2.5, # watershed seeds (distance-transform maxima) this far apart
     "max_nuclei_per_tile": 24,    # shape properties of at most this many nuclei per tile (null = all)
     "glcm_levels": 32,
@@ -85,7 +86,8 @@ def normalise_params(params=None) -> dict:
     p["max_tiles"] = None if p["max_tiles"] in (None, 0) else int(p["max_tiles"])
     p["seed"] = int(p["seed"])
     for k in ("tissue_od", "tissue_smooth_um", "h_smooth_um", "h_floor_od", "h_ceiling_od",
-              "min_nucleus_um2", "split_min_distance_um", "glcm_max_od", "mark_smooth_um",
+              "min_nucleus_um2", "max_clump_um2", "split_min_distance_um", "glcm_max_od",
+              "mark_smooth_um",
               "mark_dilate_um"):
         p[k] = float(p[k])
     p["exclude_marks"] = bool(p["exclude_marks"])
@@ -184,7 +186,14 @@ def segment_nuclei(h: np.ndarray, tissue: np.ndarray, mpp: float, p: dict,
     comp, n = ndi.label(mask)
     if n == 0:
         return np.zeros(h.shape, np.int32), thr
-    mask = _drop_small(comp, min_px) > 0
+    comp = _drop_small(comp, min_px)
+    if p["max_clump_um2"]:  # bands of keratin, folds, dye smears: far larger than a clump
+        sizes = np.bincount(comp.ravel())
+        big = sizes > p["max_clump_um2"] / mpp**2
+        big[0] = False
+        if big.any():
+            comp[big[comp]] = 0
+    mask = comp > 0
     if not mask.any():
         return np.zeros(h.shape, np.int32), thr
     # seeds: maxima of the (slightly smoothed) distance transform at least split_min_distance
