@@ -25,8 +25,9 @@ V is the *least* absorbed channel and S grows with the spread between channels):
    mixture drifts to ~236-242 degrees.  Red ink looks like eosin and is not detected (use a
    user mask).
 4. **marks finer than a thumbnail pixel** (dye granules on tissue, the soft rims of pen
-   strokes): rules 1-3 are also applied at ``marks_mpp`` (2 µm/px, from the same pixels
-   the thumbnail is averaged from), strokes (>= 256 µm²) growing a rim of ``mark_rim_um``
+   strokes): rules 1-3 are also applied at ``marks_mpp`` (2 µm/px) from the same pixels the
+   thumbnail is averaged from (so at the pyramid level's own resolution when that is
+   coarser: no second read), strokes (>= 256 µm²) growing a rim of ``mark_rim_um``
    (black/dark strokes twice that: black ink over stained tissue looks like dark
    haematoxylin at its edge); a thumbnail pixel at least ``mark_min_fraction`` covered is a
    mark, and the tiler limits each tile's mark *area* (``TissueMask.artefacts``).  At 8 µm
@@ -643,9 +644,14 @@ def _any_thumbnail(slide_path, max_side: int = 512, max_pixels: int = 32 << 20):
             return s.get_thumbnail((max_side, max_side)).convert("RGB")
     except Exception:  # noqa: BLE001 - try the next reader
         pass
+    import logging
+
+    tlog = logging.getLogger("tifffile")
+    level = tlog.level
     try:
         import tifffile
 
+        tlog.setLevel(logging.ERROR)  # a broken file is expected here: no warning noise
         with tifffile.TiffFile(str(slide_path)) as tf:
             levels = list(tf.series[0].levels)
             lv = min(levels, key=lambda lv_: int(np.prod(lv_.shape[:2])))
@@ -661,6 +667,8 @@ def _any_thumbnail(slide_path, max_side: int = 512, max_pixels: int = 32 << 20):
         return img.convert("RGB")
     except Exception:  # noqa: BLE001
         return None
+    finally:
+        tlog.setLevel(level)
 
 
 def _with_title(img, title):
@@ -672,6 +680,7 @@ def _with_title(img, title):
     if not title:
         return img
     lines = [title] if isinstance(title, str) else [str(t) for t in title if t]
+    lines = [ln.replace("µ", "u").replace("²", "2") for ln in lines]  # PIL's bitmap font
     width = max(img.width, 512)
     per_line = max(20, width // 6 - 2)  # PIL's default bitmap font is ~6 px wide
     wrapped = [w for ln in lines for w in (textwrap.wrap(ln, per_line) or [""])]
