@@ -470,7 +470,7 @@ def load_user_mask(path, shape, scale, downsample: float | None = None) -> np.nd
     h, w = shape
     sx, sy = scale
     if path.suffix.lower() in (".geojson", ".json"):
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))  # GeoJSON is UTF-8 (RFC 7946)
         geoms = []
 
         def collect(o):

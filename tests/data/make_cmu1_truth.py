@@ -96,7 +96,7 @@ def main():
     lab = labels(rgb)
     Image.fromarray(lab).save(TRUTH, optimize=True)
     print(f"{TRUTH}: {lab.shape}, tissue {(lab == 1).sum()} blocks "
-          f"({(lab == 1).sum() * (BLOCK * 0.499) ** 2 / 1e6:.3f} mm²), dye {(lab == 2).sum()}")
+          f"({(lab == 1).sum() * (BLOCK * 0.499) ** 2 / 1e6:.3f} mm2), dye {(lab == 2).sum()}")
     if a.overlay:
         Image.fromarray(overlay(rgb, lab)).save(a.overlay)
 

@@ -46,7 +46,7 @@ def _truth_on_thumb(truth, tm):
 
 def test_cmu1_is_the_documented_file():
     assert hashlib.sha256(CMU1.read_bytes()).hexdigest() == CMU1_SHA256
-    assert CMU1_SHA256 in (DATA / "README.md").read_text()
+    assert CMU1_SHA256 in (DATA / "README.md").read_text(encoding="utf-8")
     s = open_slide(CMU1)
     assert s.dimensions == (2220, 2967) and s.mpp == pytest.approx(0.499)
     assert s.mpp_source == "openslide" and s.mpp_conflict is None
