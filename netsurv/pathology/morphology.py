@@ -346,7 +346,8 @@ def owned_masks(coords: np.ndarray, size0: int, size_px: int, idx=None):
     for i in idx:
         x, y = coords[i]
         before = coords[:i]
-        hit = np.flatnonzero((np.abs(before[:, 0] - x) < size0) & (np.abs(before[:, 1] - y) < size0))
+        hit = np.flatnonzero((np.abs(before[:, 0] - x) < size0)
+                             & (np.abs(before[:, 1] - y) < size0))
         if not len(hit):
             out.append(None)
             continue

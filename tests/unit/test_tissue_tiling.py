@@ -252,7 +252,8 @@ def test_job_failures_resume_and_new_params(slides, tmp_path):
         assert index.at[sid, "qc"] == str(out / "qc" / f"{sid}.png")
     assert (index.loc[["s0", "s1"], "status"] == "done").all()
     assert (index.loc[["nompp", "corrupt", "blank"], "status"] == "failed").all()
-    assert index.at["s0", "mpp"] == pytest.approx(0.5) and index.at["s0", "mpp_source"] == "openslide"
+    assert index.at["s0", "mpp"] == pytest.approx(0.5)
+    assert index.at["s0", "mpp_source"] == "openslide"
     assert index.at["s0", "n_tiles"] == index.at["s0", "n_grid_tiles"] + index.at[
         "s0", "n_gap_fill_tiles"] > 0
     assert 0 < index.at["s0", "marked_tissue_fraction"] < 0.5  # s0 has pen over its tissue
