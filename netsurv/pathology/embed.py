@@ -236,7 +236,8 @@ def embed_slide(coords_h5, encoder, out_path, batch_size: int = 64, num_workers:
         "coords_path": str(Path(coords_h5).resolve()),
         "slide_path": str(ds.slide_path),
         "slide_id": str(slide_id if slide_id is not None else a.get("slide_id", "")),
-        "patch_size": int(a["patch_size"]),
+        # tiles as delivered (CLAM's coords `patch_size` is px at the read level)
+        "patch_size": int(a.get("target_patch_size", a["patch_size"])),
         "patch_size_level0": int(a["patch_size_level0"]),
         "target_mpp": float(a["target_mpp"]),
         "tile_backend": ds.backend,

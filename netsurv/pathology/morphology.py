@@ -44,7 +44,7 @@ from scipy import ndimage as ndi
 __all__ = ["MORPHOLOGY_DEFAULTS", "RUNTIME_KEYS", "normalise_params", "params_hash",
            "segment_nuclei", "tile_features", "slide_features", "combine_slides"]
 
-CODE_VERSION = "1"  # bump when the algorithm changes the features
+CODE_VERSION = "2"  # bump when the algorithm changes the features
 
 MORPHOLOGY_DEFAULTS = {
     "max_tiles": 64,              # tiles per slide (seeded random subsample); null = all
@@ -53,8 +53,13 @@ MORPHOLOGY_DEFAULTS = {
     "tissue_od": 0.35,            # summed RGB optical density above which a pixel is tissue
     "tissue_smooth_um": 2.0,
     "h_smooth_um": 0.5,           # gaussian sigma on the H channel before thresholding
-    "h_floor_od": 0.35,           # H threshold = max(Otsu, this floor)
+    "h_floor_od": 0.35,           # H threshold = clip(Otsu, this floor, h_ceiling_od)
+    "h_ceiling_od": 1.2,          # ... and this ceiling (dark debris cannot lift it further)
+    "exclude_marks": True,        # ink / dye pixels are neither tissue nor nuclei
+    "mark_smooth_um": 1.0,        # colour of marks judged on this gaussian-smoothed image
+    "mark_dilate_um": 1.0,        # ... and their rims excluded too
     "min_nucleus_um2": 10.0,
+    "max_clump_um2": 1500.0,      # connected nuclear-stain regions larger than this are dropped
     "split_min_distance_um": 2.5, # watershed seeds (distance-transform maxima) this far apart
     "max_nuclei_per_tile": 24,    # shape properties of at most this many nuclei per tile (null = all)
     "glcm_levels": 32,
@@ -80,9 +85,14 @@ def normalise_params(params=None) -> dict:
     p.update(params)
     p["max_tiles"] = None if p["max_tiles"] in (None, 0) else int(p["max_tiles"])
     p["seed"] = int(p["seed"])
-    for k in ("tissue_od", "tissue_smooth_um", "h_smooth_um", "h_floor_od", "min_nucleus_um2",
-              "split_min_distance_um", "glcm_max_od"):
+    for k in ("tissue_od", "tissue_smooth_um", "h_smooth_um", "h_floor_od", "h_ceiling_od",
+              "min_nucleus_um2", "max_clump_um2", "split_min_distance_um", "glcm_max_od",
+              "mark_smooth_um",
+              "mark_dilate_um"):
         p[k] = float(p[k])
+    p["exclude_marks"] = bool(p["exclude_marks"])
+    if not p["h_ceiling_od"] >= p["h_floor_od"]:
+        raise ValueError("morphology.h_ceiling_od must be >= morphology.h_floor_od")
     p["glcm_levels"] = int(p["glcm_levels"])
     p["max_nuclei_per_tile"] = (None if p["max_nuclei_per_tile"] in (None, 0)
                                 else int(p["max_nuclei_per_tile"]))
@@ -151,23 +161,39 @@ def _drop_small(labels: np.ndarray, min_px: int) -> np.ndarray:
     return labels
 
 
-def segment_nuclei(h: np.ndarray, tissue: np.ndarray, mpp: float, p: dict):
+def segment_nuclei(h: np.ndarray, tissue: np.ndarray, mpp: float, p: dict,
+                   marks: np.ndarray | None = None):
     """Labels of nuclei (int32, 1..n, consecutive) and the threshold used, from the smoothed
-    H channel ``h`` (OD) and the tile's tissue mask."""
+    H channel ``h`` (OD) and the tile's tissue mask.  ``marks`` (bool): ink / dye pixels,
+    left out of the threshold's sample and never part of a nucleus (teal dye projects
+    strongly on haematoxylin: counted as nuclei, and lifting the threshold above real ones)."""
     from skimage.feature import peak_local_max
     from skimage.filters import threshold_otsu
     from skimage.segmentation import relabel_sequential, watershed
 
-    vals = h[tissue]
+    sample = tissue if marks is None else tissue & ~marks
+    vals = h[sample]
     thr = p["h_floor_od"]
     if vals.size > 64 and vals.max() > vals.min():
-        thr = max(thr, float(threshold_otsu(vals)))
-    mask = ndi.binary_fill_holes(h > thr)
+        thr = min(max(thr, float(threshold_otsu(vals))), p["h_ceiling_od"])
+    fg = h > thr
+    if marks is not None:
+        fg &= ~marks
+    mask = ndi.binary_fill_holes(fg)
+    if marks is not None:
+        mask &= ~marks
     min_px = max(1, int(round(p["min_nucleus_um2"] / mpp**2)))
     comp, n = ndi.label(mask)
     if n == 0:
         return np.zeros(h.shape, np.int32), thr
-    mask = _drop_small(comp, min_px) > 0
+    comp = _drop_small(comp, min_px)
+    if p["max_clump_um2"]:  # bands of keratin, folds, dye smears: far larger than a clump
+        sizes = np.bincount(comp.ravel())
+        big = sizes > p["max_clump_um2"] / mpp**2
+        big[0] = False
+        if big.any():
+            comp[big[comp]] = 0
+    mask = comp > 0
     if not mask.any():
         return np.zeros(h.shape, np.int32), thr
     # seeds: maxima of the (slightly smoothed) distance transform at least split_min_distance
@@ -210,25 +236,38 @@ def _glcm(h: np.ndarray, tissue: np.ndarray, mpp: float, p: dict) -> dict:
     return out
 
 
-def _measure_nuclei(labels: np.ndarray, h: np.ndarray, mpp: float, max_n, rng) -> tuple:
+def _measure_nuclei(labels: np.ndarray, h: np.ndarray, mpp: float, max_n, rng,
+                    owned: np.ndarray | None = None) -> tuple:
     """(count with border nuclei as 1/2, nuclear pixels, per-nucleus arrays).
 
-    Shape properties come from :func:`skimage.measure.regionprops_table` on the interior
-    nuclei, or on a random subset of ``max_n`` of them (their cost is per nucleus)."""
+    ``owned`` (bool, optional): the part of the tile no earlier tile of the slide covers; a
+    nucleus counts only when its centroid lies there, so overlapping tiles count it once.
+    Shape properties come from :func:`skimage.measure.regionprops_table` on the counted
+    interior nuclei, or on a random subset of ``max_n`` of them (their cost is per nucleus)."""
     from skimage.measure import regionprops_table
 
     n = int(labels.max())
     empty = {k: np.zeros(0, np.float32) for k in NUCLEUS_PROPS}
     if n == 0:
         return 0.0, 0, empty
-    H, W = labels.shape
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     border = np.zeros(n + 1, bool)
     border[edge] = True
     border[0] = False
-    count = float(n - border.sum() + 0.5 * border.sum())
-    nuc_px = int((labels > 0).sum())
-    inner = np.flatnonzero(~border[1:]) + 1
+    counted = np.ones(n + 1, bool)
+    counted[0] = False
+    if owned is not None:
+        ys, xs = np.nonzero(labels)
+        lab = labels[ys, xs]
+        size = np.bincount(lab, minlength=n + 1)
+        cy = np.bincount(lab, ys, minlength=n + 1)[1:] / np.maximum(size[1:], 1)
+        cx = np.bincount(lab, xs, minlength=n + 1)[1:] / np.maximum(size[1:], 1)
+        counted[1:] = owned[np.rint(cy).astype(int), np.rint(cx).astype(int)]
+        nuc_px = int(((labels > 0) & owned).sum())
+    else:
+        nuc_px = int((labels > 0).sum())
+    count = float((counted & ~border).sum() + 0.5 * (counted & border).sum())
+    inner = np.flatnonzero(counted[1:] & ~border[1:]) + 1
     if max_n and len(inner) > max_n:
         inner = rng.choice(inner, int(max_n), replace=False)
     if len(inner) == 0:
@@ -248,34 +287,78 @@ def _measure_nuclei(labels: np.ndarray, h: np.ndarray, mpp: float, max_n, rng) -
 
 
 def tile_features(rgb: np.ndarray, mpp: float, params: dict | None = None,
-                  p_normalised: bool = False, rng=None) -> tuple[dict, dict]:
+                  p_normalised: bool = False, rng=None, owned: np.ndarray | None = None,
+                  marks_params=None) -> tuple[dict, dict]:
     """Features of one RGB uint8 tile at ``mpp`` µm/px.
 
     Returns ``(tile, nuclei)``: ``tile`` holds ``tissue_mm2``, ``n_nuclei`` (border nuclei
     count 1/2), ``density_mm2``, ``nuclear_fraction`` (nuclear / tissue area), ``h_od_tissue``
-    (mean H of tissue) and the GLCM values; ``nuclei`` holds one array per
-    :data:`NUCLEUS_PROPS` over the nuclei not touching the tile border (at most
-    ``max_nuclei_per_tile`` of them, drawn with ``rng``)."""
+    (mean H of tissue), ``marks_fraction`` (share of the tile excluded as ink/dye) and the
+    GLCM values; ``nuclei`` holds one array per :data:`NUCLEUS_PROPS` over the nuclei not
+    touching the tile border (at most ``max_nuclei_per_tile`` of them, drawn with ``rng``).
+
+    ``owned`` (bool (h, w)): the pixels this tile owns among overlapping tiles (see
+    :func:`owned_masks`); counts, tissue area and the per-tile means use only them, so a
+    slide's totals count each nucleus and each tissue pixel once.  ``marks_params``: the
+    tissue colour rules (:class:`~netsurv.pathology.tissue.TissueParams`, default the
+    tiling defaults) used for the ink / dye pixels when ``exclude_marks``."""
     p = params if p_normalised else normalise_params(params)
     rgb = np.asarray(rgb)[..., :3]
     od = optical_density(rgb)
     tissue = tissue_mask(rgb, mpp, p, od)
+    marks = None
+    if p["exclude_marks"]:
+        from .tissue import mark_mask
+
+        marks = mark_mask(rgb, mpp, marks_params, smooth_um=p["mark_smooth_um"],
+                          dilate_um=p["mark_dilate_um"])
+        tissue &= ~marks
     h = haematoxylin_od(rgb, od)
     del od
     if p["h_smooth_um"] > 0:
         h = ndi.gaussian_filter(h, p["h_smooth_um"] / mpp, mode="nearest", truncate=2.0)
-    labels, _ = segment_nuclei(h, tissue, mpp, p)
+    labels, _ = segment_nuclei(h, tissue, mpp, p, marks)
     if rng is None:
         rng = np.random.default_rng(p["seed"])
-    count, nuc_px, nuclei = _measure_nuclei(labels, h, mpp, p["max_nuclei_per_tile"], rng)
-    tissue_px = int(tissue.sum())
+    count, nuc_px, nuclei = _measure_nuclei(labels, h, mpp, p["max_nuclei_per_tile"], rng,
+                                            owned)
+    own_tissue = tissue if owned is None else tissue & owned
+    tissue_px = int(own_tissue.sum())
     tissue_mm2 = tissue_px * mpp**2 * 1e-6
     tile = {"tissue_mm2": tissue_mm2, "n_nuclei": count,
             "density_mm2": count / tissue_mm2 if tissue_px else np.nan,
             "nuclear_fraction": min(nuc_px / tissue_px, 1.0) if tissue_px else np.nan,
-            "h_od_tissue": float(h[tissue].mean()) if tissue_px else np.nan}
+            "h_od_tissue": float(h[own_tissue].mean()) if tissue_px else np.nan,
+            "marks_fraction": float(marks.mean()) if marks is not None else 0.0}
     tile.update(_glcm(h, tissue, mpp, p))
     return tile, nuclei
+
+
+def owned_masks(coords: np.ndarray, size0: int, size_px: int, idx=None):
+    """For the tiles ``idx`` (default all) of a slide whose tiles (``size0`` level-0 px, read
+    as ``size_px`` px) sit at ``coords``: bool (size_px, size_px) masks of the pixels each
+    owns, i.e. not covered by any tile before it in ``coords`` order (None when it owns all).
+    Overlapping gap-fill tiles then add only their new area to a slide's totals."""
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    idx = range(len(coords)) if idx is None else idx
+    f = size_px / float(size0)
+    out = []
+    for i in idx:
+        x, y = coords[i]
+        before = coords[:i]
+        hit = np.flatnonzero((np.abs(before[:, 0] - x) < size0)
+                             & (np.abs(before[:, 1] - y) < size0))
+        if not len(hit):
+            out.append(None)
+            continue
+        own = np.ones((size_px, size_px), bool)
+        for j in hit:
+            dx, dy = before[j, 0] - x, before[j, 1] - y
+            c0, c1 = int(round(max(dx, 0) * f)), int(round(min(dx + size0, size0) * f))
+            r0, r1 = int(round(max(dy, 0) * f)), int(round(min(dy + size0, size0) * f))
+            own[r0:r1, c0:c1] = False
+        out.append(own)
+    return out
 
 
 # --------------------------------------------------------------------------- one slide
@@ -339,9 +422,12 @@ def slide_features(coords_path, slide_path=None, params: dict | None = None, *,
     if len(idx) == 0:
         raise ValueError(f"{coords_path}: no tiles")
     rng = np.random.default_rng([p["seed"], zlib.crc32(sid.encode()), 1])
+    marks_params = _tissue_params(ds.attrs)
+    owned = owned_masks(ds.coords, int(ds.plan.size_level0), int(ds.plan.size_px), idx)
     tiles, nuclei = [], []
-    for i in idx.tolist():
-        t, nu = tile_features(ds[i], mpp, p, p_normalised=True, rng=rng)
+    for k, i in enumerate(idx.tolist()):
+        t, nu = tile_features(ds[i], mpp, p, p_normalised=True, rng=rng, owned=owned[k],
+                              marks_params=marks_params)
         tiles.append(t)
         nuclei.append(nu)
     feats = aggregate_slide(tiles, nuclei, p["quantiles"])
@@ -350,6 +436,17 @@ def slide_features(coords_path, slide_path=None, params: dict | None = None, *,
             "tissue_mm2": float(sum(t["tissue_mm2"] for t in tiles)), "mpp": mpp,
             "seconds": round(time.perf_counter() - t0, 3)}
     return feats, info
+
+
+def _tissue_params(attrs: dict):
+    """The tissue colour rules the slide was tiled with (coords attribute ``tissue_params``),
+    so that nuclei and tiles agree on what is a mark; the defaults for older files."""
+    from .tissue import TissueParams
+
+    try:
+        return TissueParams.from_any(json.loads(attrs["tissue_params"]))
+    except (KeyError, TypeError, ValueError):
+        return TissueParams()
 
 
 # --------------------------------------------------------------------------- patients

@@ -11,6 +11,22 @@ resolved, in order, from
 
 and otherwise :class:`SlideError` names the file and the fix.  There is no silent default.
 
+Sanity (a wrong mpp silently changes every tile's physical size, so it is checked):
+
+- a value read from the file outside :data:`MPP_RANGE` (0.1-16 µm/px: 0.1 is beyond any
+  optical scanner, 16 coarser than a 1x macro image), or a TIFF resolution that is a
+  screen/print density (72, 96, 300 ... dpi, which image editors and converters write by
+  default; 72 dpi reads as 352.8 µm/px), is a :class:`SlideError` saying what was read and
+  how to give the real mpp; an override replaces it (the implausible value is kept in
+  ``mpp_file`` for the provenance);
+- an override outside :data:`MPP_RANGE` is an error too;
+- an override that differs from a plausible file value by more than
+  :data:`MPP_DISAGREEMENT` (10 %) is kept (the user decides) but recorded in
+  ``mpp_conflict`` and logged as a warning; the tiling turns it into an error with
+  ``tiling.strict_mpp=true``.
+
+Reads never upsample by more than :data:`MAX_UPSAMPLE` (4x), even with ``allow_upsample``.
+
 Backends: :class:`OpenSlideReader` (default; every format openslide reads, including
 pyramids with non-power-of-two downsamples) and :class:`TiffFileReader` (tifffile; for
 TIFFs openslide refuses, e.g. stripped single-level TIFFs; it decodes whole levels into
@@ -20,21 +36,34 @@ subclass :class:`SlideReader` and implement ``_read_level_region``, ``level_dime
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SlideError", "SlideReader", "OpenSlideReader", "TiffFileReader", "ReadPlan",
-           "open_slide", "resize_rgb", "BACKENDS"]
+__all__ = ["SlideError", "MppError", "SlideReader", "OpenSlideReader", "TiffFileReader", "ReadPlan",
+           "open_slide", "resize_rgb", "BACKENDS", "MPP_RANGE", "MAX_UPSAMPLE",
+           "MPP_DISAGREEMENT"]
+
+log = logging.getLogger(__name__)
 
 MPP_FIX = ("add an 'mpp' column (µm per level-0 pixel, e.g. 0.25 or 0.5) to slides.csv for this "
            "slide, or set tiling.mpp_override=<µm/px> for all slides")
+MPP_RANGE = (0.1, 16.0)   # plausible µm per level-0 pixel of a slide scan
+MPP_DISAGREEMENT = 0.10   # relative override / file difference that is reported
+MAX_UPSAMPLE = 4.0        # reads never upsample more than this, whatever allow_upsample says
+# pixel densities that image editors, converters and screen captures write by default
+SCREEN_DPI = (72, 75, 96, 100, 120, 144, 150, 200, 240, 300, 400, 600, 1200)
 
 
 class SlideError(RuntimeError):
     """A slide cannot be read or lacks information needed to read it exactly."""
+
+
+class MppError(SlideError):
+    """The slide opens, but its pixel size is missing, implausible or contradicted."""
 
 
 @dataclass(frozen=True)
@@ -130,14 +159,24 @@ class SlideReader:
         finer = [i for i, m in enumerate(mpps) if m < target_mpp]
         if finer:
             lv = max(finer, key=lambda i: mpps[i])
-        elif allow_upsample:
+        elif allow_upsample and self.mpp <= MAX_UPSAMPLE * target_mpp:
             lv = 0
+        elif allow_upsample:
+            raise SlideError(
+                f"{self.path}: target {target_mpp:g} µm/px would upsample the slide's level 0 "
+                f"({self.mpp:g} µm/px, source: {self.mpp_source}) "
+                f"{self.mpp / target_mpp:.1f}x; more than {MAX_UPSAMPLE:g}x is refused even with "
+                "allow_upsample (it invents detail and costs memory). If the slide's mpp is "
+                f"wrong, {MPP_FIX}; otherwise ask for a coarser tiling.target_mpp.")
         else:
             raise SlideError(
                 f"{self.path}: target {target_mpp:g} µm/px is finer than the slide's level 0 "
                 f"({self.mpp:g} µm/px, source: {self.mpp_source}) beyond the tolerance "
                 f"{tolerance:g}; upsampling is refused. Ask for a coarser target_mpp, widen "
                 "the tolerance, or set allow_upsample=true (tiling.allow_upsample).")
+        if size0 < 1:  # unreachable with MAX_UPSAMPLE; a guard against a zero-size read
+            raise SlideError(f"{self.path}: a {size_px} px tile at {target_mpp:g} µm/px covers "
+                             f"no level-0 pixel at {self.mpp:g} µm/px; {MPP_FIX}")
         ds = float(self.level_downsamples[lv])
         read_size = max(1, int(round(size0 / ds)))
         return ReadPlan(lv, read_size, size_px, size0, target_mpp, mpps[lv],
@@ -172,44 +211,88 @@ class SlideReader:
                 f"levels={len(self.level_dimensions)}, mpp={self.mpp:g} [{self.mpp_source}])")
 
     # ---------------------------------------------------------------- mpp chain
+    mpp_file: float | None = None        # what the file says (None: nothing)
+    mpp_file_source: str | None = None
+    mpp_file_problem: str | None = None  # why the file's value is not usable
+    mpp_conflict: str | None = None      # override vs file disagreement (> MPP_DISAGREEMENT)
+
     def _resolve_mpp(self, override) -> None:
-        if override is not None and not (isinstance(override, float) and math.isnan(override)):
+        has_override = override is not None and not (
+            isinstance(override, float) and math.isnan(override))
+        self.mpp_file, self.mpp_file_source, self.mpp_file_problem = self._file_mpp()
+        self.mpp_conflict = None
+        if has_override:
             v = float(override)
             if not v > 0:
-                raise SlideError(f"{self.path}: mpp override {override!r} must be > 0 µm/px")
+                raise MppError(f"{self.path}: mpp override {override!r} must be > 0 µm/px")
+            if not MPP_RANGE[0] <= v <= MPP_RANGE[1]:
+                raise MppError(
+                    f"{self.path}: mpp override {v:g} µm/px is outside the plausible range of "
+                    f"slide scans ({MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} µm/px); give µm per level-0 "
+                    "pixel (0.25 at 40x, 0.5 at 20x), not a magnification or dpi")
             self.mpp, self.mpp_source = v, "override"
+            f = self.mpp_file
+            if f is not None and self.mpp_file_problem is None and (
+                    abs(v - f) > MPP_DISAGREEMENT * f):
+                self.mpp_conflict = (
+                    f"mpp override {v:g} µm/px differs from the file's {f:g} µm/px "
+                    f"({self.mpp_file_source}) by {100 * abs(v - f) / f:.0f} %")
+                log.warning("%s: %s; the override is used (tiling.strict_mpp=true makes this "
+                            "an error)", self.path, self.mpp_conflict)
             return
+        if self.mpp_file is None:
+            raise MppError(f"{self.path}: no pixel size found (no override, no "
+                             "openslide.mpp-x, no TIFF resolution tags in cm/inch, no objective "
+                             f"power); {MPP_FIX}")
+        if self.mpp_file_problem is not None:
+            raise MppError(f"{self.path}: {self.mpp_file_problem}; {MPP_FIX}")
+        self.mpp, self.mpp_source = self.mpp_file, self.mpp_file_source
+
+    def _file_mpp(self):
+        """(mpp, source, problem) from the file's metadata; problem (str) when the value is
+        not a plausible scan resolution; (None, None, None) when there is none."""
         props = self.properties
+        res = _tiff_resolution(self.path)
+        dpi = _screen_dpi(res)
+        found = None
         try:
             mx, my = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
             if mx > 0 and my > 0:
-                self.mpp, self.mpp_source = self._check_square(mx, my), "openslide"
-                return
+                found = (mx, my, "openslide")
         except (KeyError, TypeError, ValueError):
             pass
-        res = _tiff_resolution_mpp(self.path)
-        if res is not None:
-            self.mpp, self.mpp_source = self._check_square(*res), "tiff-resolution"
-            return
-        try:
-            power = float(props["openslide.objective-power"])
-            if power > 0:
-                self.mpp, self.mpp_source = 10.0 / power, "objective-power"
-                return
-        except (KeyError, TypeError, ValueError):
-            pass
-        raise SlideError(f"{self.path}: no pixel size found (no override, no openslide.mpp-x, "
-                         f"no TIFF resolution tags in cm/inch, no objective power); {MPP_FIX}")
-
-    def _check_square(self, mx: float, my: float) -> float:
+        if found is None and res is not None:
+            found = (*res["mpp"], "tiff-resolution")
+        if found is None:
+            try:
+                power = float(props["openslide.objective-power"])
+                if power > 0:
+                    found = (10.0 / power, 10.0 / power, "objective-power")
+            except (KeyError, TypeError, ValueError):
+                pass
+        if found is None:
+            return None, None, None
+        mx, my, source = found
         if abs(mx - my) > 0.02 * max(mx, my):
-            raise SlideError(f"{self.path}: non-square pixels ({mx:g} x {my:g} µm) are not "
-                             f"supported; {MPP_FIX}")
-        return (mx + my) / 2.0
+            return mx, source, (f"non-square pixels ({mx:g} x {my:g} µm, {source}) are not "
+                                "supported")
+        m = (mx + my) / 2.0
+        from_tiff_tags = source == "tiff-resolution" or (
+            res is not None and abs(res["mpp"][0] - mx) <= 1e-3 * mx)
+        if dpi is not None and from_tiff_tags:
+            return m, source, (f"the TIFF resolution is {dpi:g} dpi (= {m:g} µm/px, {source}), "
+                               "a screen/print density written by image software, not a "
+                               "scanner's pixel size")
+        if not MPP_RANGE[0] <= m <= MPP_RANGE[1]:
+            return m, source, (f"the file reports {m:g} µm/px ({source}), outside the "
+                               f"plausible range of slide scans ({MPP_RANGE[0]:g}-"
+                               f"{MPP_RANGE[1]:g} µm/px)")
+        return m, source, None
 
 
-def _tiff_resolution_mpp(path: Path):
-    """(mpp_x, mpp_y) from the first TIFF page's resolution tags, or None."""
+def _tiff_resolution(path: Path):
+    """First TIFF page's resolution tags: {"unit": "inch"|"cm", "per_unit": (x, y),
+    "mpp": (x, y)}, or None (no tags, unit none, placeholder 1 px/unit, not a TIFF)."""
     try:
         import tifffile
 
@@ -219,7 +302,8 @@ def _tiff_resolution_mpp(path: Path):
             xr, yr = tags.get("XResolution"), tags.get("YResolution")
             if unit is None or xr is None or yr is None:
                 return None
-            per = {2: 25400.0, 3: 10000.0}.get(int(unit.value))  # µm per inch / cm
+            name, per = {2: ("inch", 25400.0), 3: ("cm", 10000.0)}.get(int(unit.value),
+                                                                     (None, None))
             if per is None:
                 return None
 
@@ -230,9 +314,26 @@ def _tiff_resolution_mpp(path: Path):
             fx, fy = px_per_unit(xr.value), px_per_unit(yr.value)
             if fx <= 1.0 or fy <= 1.0:  # 1 px per unit: a placeholder, not a measurement
                 return None
-            return per / fx, per / fy
+            return {"unit": name, "per_unit": (fx, fy), "mpp": (per / fx, per / fy)}
     except Exception:  # noqa: BLE001 - not a TIFF, unreadable tags: fall through the chain
         return None
+
+
+def _tiff_resolution_mpp(path: Path):
+    """(mpp_x, mpp_y) from the first TIFF page's resolution tags, or None."""
+    r = _tiff_resolution(path)
+    return None if r is None else r["mpp"]
+
+
+def _screen_dpi(res) -> float | None:
+    """The dpi if the TIFF resolution is one of :data:`SCREEN_DPI` (within 0.5 %)."""
+    if res is None:
+        return None
+    fx = res["per_unit"][0] * (2.54 if res["unit"] == "cm" else 1.0)
+    for d in SCREEN_DPI:
+        if abs(fx - d) <= 0.005 * d:
+            return float(d)
+    return None
 
 
 class OpenSlideReader(SlideReader):
@@ -344,5 +445,7 @@ def open_slide(path, mpp_override=None, backend: str = "auto") -> SlideReader:
             raise
         try:
             return TiffFileReader(path, mpp_override)
+        except MppError:
+            raise  # tifffile reads it: the pixel size is the problem, not the format
         except SlideError as e2:
             raise SlideError(f"{e}; tifffile fallback: {e2}") from e2

@@ -3,9 +3,10 @@
 Per slide: open (mpp chain) -> tissue mask -> grid -> ``<out>/<slide_id>.h5`` (atomic) and
 ``<out>/qc/<slide_id>.png``, with ``<out> = <data.derived>/tiles/<params_hash>``.  Slides whose
 coords file exists with the same params hash and the same per-slide mpp override are
-skipped.  Failures (unreadable file, missing mpp, no tissue, ...) are written to
-``<out>/failures.csv`` and the other slides go on; ``<out>/index.csv`` lists every slide with
-its status and tile count.
+skipped.  Failures (unreadable file, missing or implausible mpp, no tissue, ...) are written
+to ``<out>/failures.csv`` and the other slides go on; every slide, failed ones included, gets
+a QC image (the reason in its title) and a row of ``<out>/index.csv`` (status, tiles, mpp and
+its source, tissue and the share excluded as marks, tile overlap, QC path, error).
 
 Every coords file carries a checksum of its datasets, verified whenever it is reused: a damaged
 file is logged with its path, deleted and tiled again.  Each slide is tiled under a lock, so
@@ -26,14 +27,19 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from netsurv.stages import (CorruptCacheError, ItemFailed, ItemLocks, VerifiedFiles,
-                            atomic_path, clean_stale_temps, gather, h5_attach_checksum,
-                            rank_zero, run_items, shard, stage_env, verify_h5, write_csv,
-                            write_text)
+                            clean_stale_temps, gather, rank_zero, run_items, shard, stage_env,
+                            verify_h5, write_csv, write_text)
 
-__all__ = ["output_dir", "tile_cohort", "run", "coords_tiles", "write_coords_checked"]
+__all__ = ["output_dir", "tile_cohort", "run", "coords_tiles"]
 
 FAILURE_COLUMNS = ["stage", "patient_id", "item_id", "path", "error_type", "error", "slide_id"]
-INDEX_COLUMNS = ["slide_id", "patient_id", "path", "h5", "n_tiles", "status"]
+# index.csv: one row per slide, failed ones included (the per-slide columns are
+# netsurv.pathology.tiling.RECORD_COLUMNS: status, tiles, mpp and its source, tissue and
+# marks, overlap, QC image, error)
+INDEX_COLUMNS = ["slide_id", "patient_id", "path", "h5", "n_tiles", "status", "n_grid_tiles",
+                 "n_gap_fill_tiles", "mpp", "mpp_source", "mpp_file", "mpp_file_source",
+                 "mpp_warning", "tissue_mm2", "marked_tissue_mm2", "marked_tissue_fraction",
+                 "overlap_factor", "qc", "error_type", "error"]
 
 
 def output_dir(derived, params: dict) -> Path:
@@ -47,6 +53,14 @@ def _slide_override(row, params: dict):
     if v is not None and not (isinstance(v, float) and math.isnan(v)) and not pd.isna(v):
         return float(v)
     return params.get("mpp_override")
+
+
+def _override_origin(row, params: dict) -> str:
+    """Where a slide's mpp override comes from (for the index's mpp_source)."""
+    v = row.get("mpp") if hasattr(row, "get") else None
+    if v is not None and not pd.isna(v):
+        return "slides.csv"
+    return "tiling.mpp_override"
 
 
 def coords_tiles(h5: Path, phash: str, override, verified=None) -> int | None:
@@ -77,20 +91,6 @@ def _is_done(h5: Path, phash: str, override) -> bool:
         return False
 
 
-def write_coords_checked(h5, res, slide, **kw) -> Path:
-    """:func:`~netsurv.pathology.tiling.write_coords` into a temp file unique to this process,
-    with the checksum of its datasets recorded, then renamed into place."""
-    import h5py
-
-    from netsurv.pathology.tiling import write_coords
-
-    with atomic_path(h5) as tmp:
-        write_coords(tmp, res, slide, **kw)
-        with h5py.File(tmp, "r+") as f:
-            h5_attach_checksum(f)
-    return Path(h5)
-
-
 def _user_mask(user_mask_dir, slide_id: str):
     if not user_mask_dir:
         return None
@@ -119,9 +119,8 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
 
     May be called on every rank of a job (each tiles its share); every rank returns the
     result of all slides, ``index`` in the order of ``slides``."""
-    from netsurv.pathology.slides import open_slide
-    from netsurv.pathology.tiling import normalise_params, params_hash, tile_slide
-    from netsurv.pathology.tissue import save_qc
+    from netsurv.pathology.tiling import (coords_record, normalise_params, params_hash,
+                                          tile_one_slide)
 
     params = normalise_params(params)
     phash = params_hash(params)
@@ -139,12 +138,17 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
                 "h5": str(out / f"{sid}.h5"), "n_tiles": 0, "status": ""}
 
     memo = VerifiedFiles(out, load=False)
+    tiled: dict[int, dict] = {}  # this process's records, failed slides' included (QC, mpp)
 
     def lookup(i):
         row = records[i]
         sid = str(row["slide_id"])
-        n = coords_tiles(out / f"{sid}.h5", phash, _slide_override(row, params), memo)
-        return None if n is None else {**_rec(row), "n_tiles": n, "status": "skipped"}
+        h5 = out / f"{sid}.h5"
+        if coords_tiles(h5, phash, _slide_override(row, params), memo) is None:
+            return None
+        qc_png = out / "qc" / f"{sid}.png"
+        return {**_rec(row), **coords_record(h5), "status": "skipped",
+                "qc": str(qc_png) if qc_png.is_file() else None}
 
     def tile_one(i) -> dict:
         row = records[i]
@@ -152,25 +156,21 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
         h5 = out / f"{sid}.h5"
         override = _slide_override(row, params)
         rec = _rec(row)
-        try:
-            problem = row.get("problem")
-            if isinstance(problem, str) and problem:  # slides.csv: no path / file not found
-                raise FileNotFoundError(problem)
-            with open_slide(row["path"], override, backend=backend) as slide:
-                res = tile_slide(slide, params, _user_mask(user_mask_dir, sid),
-                                 user_mask_downsample, device=device)
-                write_coords_checked(h5, res, slide, slide_id=sid, params_hash_=phash)
-                memo.add(h5)
-                if qc:
-                    save_qc(out / "qc" / f"{sid}.png", res.tissue, res.coords,
-                            res.plan.size_level0,
-                            title=f"{sid}: {res.n_grid} grid + {res.n_tiles - res.n_grid} "
-                                  f"gap-fill tiles, {slide.mpp:g} um/px [{slide.mpp_source}]",
-                            n_grid=res.n_grid)
-            rec["n_tiles"], rec["status"] = res.n_tiles, "done"
-        except Exception as e:  # noqa: BLE001 - record and go on with the other slides
-            rec["status"] = "failed"
-            rec["error_type"], rec["error"] = type(e).__name__, str(e)
+        problem = row.get("problem")
+        if isinstance(problem, str) and problem:  # slides.csv: no path / file not found
+            rec.update(status="failed", error_type="FileNotFoundError", error=problem)
+            return rec
+        # the whole per-slide body (QC also for failed slides, the record's columns) lives in
+        # netsurv.pathology.tiling.tile_one_slide; it never raises for a slide's own problems
+        rec.update(tile_one_slide(
+            row["path"], h5, params, slide_id=sid, mpp_override=override,
+            mpp_origin=_override_origin(row, params), backend=backend,
+            user_mask=_user_mask(user_mask_dir, sid), user_mask_downsample=user_mask_downsample,
+            device=device, qc_path=out / "qc" / f"{sid}.png" if qc else None,
+            params_hash_=phash))
+        if rec["status"] == "done":
+            memo.add(h5)
+        tiled[i] = rec
         return rec
 
     def finish(i, rec):
@@ -190,7 +190,7 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
         memo.save()
         res = []
         for i, o in zip(mine, outcomes):
-            rec = dict(o.value) if o.value is not None else _rec(records[i])
+            rec = dict(o.value if o.value is not None else tiled.get(i) or _rec(records[i]))
             if o.status == "failed":
                 rec.update(status="failed", n_tiles=0, error_type=o.error_type, error=o.error)
             elif o.status == "skipped":

@@ -191,19 +191,12 @@ def test_preempted_job_is_requeued_and_completes(slurm, preempted):
     assert list(table.status) == ["COMPLETED"]
 
 
-@pytest.mark.xfail(strict=False, reason="resume of finished splits after a requeue is the "
-                   "runner's (helper c-runner): until then the requeued job refits every split")
 def test_requeued_job_resumes_finished_splits(preempted):
     """The split finished before the preemption is not fitted again by the requeued job."""
     assert preempted["rc"] == 0
     assert preempted["first"].stat().st_mtime_ns == preempted["first_mtime"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "needs the rank-aware runner (helper c-runner: only global rank 0 writes metrics.json / "
-    "attention.h5 / predictions / models; without it rank 1 dies in write_attention with "
-    "BlockingIOError 'unable to lock file') and rank-aware stages (helper b-stages: demo "
-    "generation, tiling and embedding sharded over the ranks of a job)"))
 def test_readme_ddp_sweep_on_slurm_from_empty_cache(slurm, tmp_path):
     """The README's DDP command on SLURM, 2 tasks x 1 CPU per job, from an empty cache: the
     stages (demo cohort, tiling, embedding) run inside the jobs; each job trains with 2
@@ -216,7 +209,7 @@ def test_readme_ddp_sweep_on_slurm_from_empty_cache(slurm, tmp_path):
         "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
         "hydra.launcher.mem_gb=8", "hydra.launcher.timeout_min=30", "trainer=ddp",
         "trainer.accelerator=cpu", "trainer.devices=2", "experiment=clinical_pathomics",
-        "target=os,pfs", "data.demo.n_patients=24", "evaluation.seeds=[0]", "report=false",
+        "target=os,pfs", "data.demo.n_patients=24", "evaluation.seeds=[0]",
         *DEEP_FAST, f"hydra.sweep.dir={sweep}"], tmp_path, env={"NETSURV_CACHE": str(cache)},
         check=False)
     print(f"README DDP sweep on SLURM (2 jobs x 2 tasks, empty cache): {wall:.1f} s")
@@ -234,6 +227,7 @@ def test_readme_ddp_sweep_on_slurm_from_empty_cache(slurm, tmp_path):
 
     for d in sorted(p.parent for p in sweep.glob("*/.hydra")):
         assert len(list(d.rglob("metrics.json"))) == 1 and len(list(d.rglob("attention.h5"))) == 1
+        assert len(list(d.rglob("report.html"))) == 1
         m = json.loads((d / "metrics.json").read_text())
         assert m["experiment"] == "clinical_pathomics" and m["n_patients"] == 24
         # trained by the 2 SLURM tasks as one DDP group (the runner records its processes)

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = str(REPO / "configs")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # until configs/trainer/ddp.yaml runs on CPU: the Lightning keys of a 2-process CPU DDP trainer
-DDP2 = ["trainer=cpu", "+trainer.strategy=ddp", "trainer.devices=2"]
+DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 AUDIT = textwrap.dedent("""
     import atexit, json, os, runpy, sys

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from netsurv.pathology.tiling import tile_slide, write_coords
 
 
 # --------------------------------------------------------------------------- synthetic tiles
-def _he_tile(mpp, discs, size_um=128.0, glass_right=0.0):
+def _he_tile(mpp, discs, size_um=128.0, glass_right=0.0, h_conc=1.2):
     """RGB tile by Beer-Lambert: eosin stroma (glass on the right ``glass_right`` fraction) and
     haematoxylin discs ``(cy_um, cx_um, r_um)``."""
     from skimage.color import rgb_from_hed
@@ -26,7 +27,7 @@ def _he_tile(mpp, discs, size_um=128.0, glass_right=0.0):
     yy, xx = (np.mgrid[0:n, 0:n] + 0.5) * mpp
     h = np.zeros((n, n))
     for cy, cx, r in discs:
-        h[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1.2
+        h[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = h_conc
     e = np.full((n, n), 0.5)
     if glass_right:
         e[:, int(n * (1 - glass_right)):] = 0.0
@@ -234,3 +235,188 @@ def test_extract_parallel_matches_serial(slide_cohort, tmp_path):
                                  "morphology": {"n_jobs": 2}})
     b, _ = T.extract(cohort, cfg2)
     pd.testing.assert_frame_equal(a, b)
+
+
+# --------------------------------------------------------------------------- overlap, dye
+def test_overlapping_tiles_count_each_nucleus_and_tissue_pixel_once():
+    """Two tiles overlapping by half (a gap-fill tile over a grid tile): with the ownership
+    masks the slide totals equal those of the union; without, the shared half counts twice."""
+    discs = [(30.0, 20.0, 4.0), (90.0, 30.0, 4.0),                      # tile A only
+             (20.0, 80.0, 4.0), (60.0, 100.0, 4.0), (100.0, 85.0, 4.0),  # the shared half
+             (40.0, 150.0, 4.0), (100.0, 170.0, 4.0)]                    # tile B only
+    img = _he_tile(0.5, discs, size_um=192.0)[:256]  # 128 x 192 µm: tiles A | B overlap 64 µm
+    coords = np.array([[0, 0], [128, 0]])
+    owned = M.owned_masks(coords, 256, 256)
+    assert owned[0] is None and owned[1][:, :128].sum() == 0 and owned[1][:, 128:].all()
+    p = {"max_nuclei_per_tile": None}
+    a, na = M.tile_features(img[:, :256], 0.5, p, owned=owned[0])
+    b, nb = M.tile_features(img[:, 128:384], 0.5, p, owned=owned[1])
+    assert a["n_nuclei"] + b["n_nuclei"] == len(discs)
+    assert len(na["area_um2"]) + len(nb["area_um2"]) == len(discs)
+    assert a["tissue_mm2"] + b["tissue_mm2"] == pytest.approx(128e-3 * 192e-3, rel=1e-6)
+    # the same tiles measured without ownership count the shared half twice
+    a2, _ = M.tile_features(img[:, :256], 0.5, p)
+    b2, _ = M.tile_features(img[:, 128:384], 0.5, p)
+    assert a2["n_nuclei"] + b2["n_nuclei"] == len(discs) + 3
+
+
+def _teal(tile, mpp, spots, value=(72, 126, 145)):
+    """Paint teal marking dye (CMU-1's median dye colour) discs (cy_um, cx_um, r_um)."""
+    n = tile.shape[0]
+    yy, xx = (np.mgrid[0:n, 0:n] + 0.5) * mpp
+    out = tile.copy()
+    for cy, cx, r in spots:
+        out[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = value
+    return out
+
+
+def test_dye_is_neither_nucleus_nor_lifts_the_threshold():
+    rng = np.random.default_rng(3)
+    specks = [(float(y), float(x), 2.5) for y, x in rng.uniform(10, 118, (12, 2))]
+    clean = _he_tile(0.5, DISCS)
+    dyed = _teal(clean, 0.5, [s for s in specks
+                              if min(np.hypot(s[0] - d[0], s[1] - d[1]) for d in DISCS) > 9])
+    n_specks = sum(min(np.hypot(s[0] - d[0], s[1] - d[1]) for d in DISCS) > 9 for s in specks)
+    assert n_specks >= 6
+    p = {"max_nuclei_per_tile": None}
+    t, _ = M.tile_features(dyed, 0.5, p)
+    assert t["n_nuclei"] == len(DISCS) and t["marks_fraction"] > 0.01
+    t_raw, _ = M.tile_features(dyed, 0.5, {**p, "exclude_marks": False})
+    assert t_raw["n_nuclei"] >= len(DISCS) + n_specks - 1  # teal reads as haematoxylin
+    assert t["tissue_mm2"] < t_raw["tissue_mm2"]
+    # pale nuclei and a dye smear over part of the tile: with the dye in its sample, Otsu
+    # splits dye from the rest, above the pale nuclei (CMU-1: up to +0.65 OD on 19 of 48
+    # tiles); left out, the nuclei are found
+    pale = _he_tile(0.5, DISCS, h_conc=0.75)
+    smear = _teal(pale, 0.5, [(64.0, 140.0, 45.0)])
+    under = sum(np.hypot(d[0] - 64.0, d[1] - 140.0) < 45.0 + d[2] for d in DISCS)
+    assert under == 2
+    assert M.tile_features(pale, 0.5, p)[0]["n_nuclei"] == len(DISCS)
+    assert M.tile_features(smear, 0.5, p)[0]["n_nuclei"] == len(DISCS) - under
+    assert M.tile_features(smear, 0.5, {**p, "exclude_marks": False})[0]["n_nuclei"] <= 3
+
+
+def test_threshold_ceiling_keeps_nuclei_next_to_dark_keratin():
+    """Dark epidermis next to a band of dense keratin (CMU-1's follicle: per-tile Otsu up
+    to 2.9 OD, 19 nuclei found where ~100 are obvious): Otsu splits band from the rest, above
+    the nuclei; the ceiling keeps the threshold below them and the band is no nucleus."""
+    from skimage.filters import threshold_otsu
+
+    mpp, n = 0.5, 256
+    yy, xx = (np.mgrid[0:n, 0:n] + 0.5) * mpp
+    h = np.full((n, n), 0.9, np.float32)  # haematoxylin-rich cytoplasm
+    h[:, int(0.6 * n):] = 4.0  # keratin band: 51 µm wide, 6500 µm²
+    discs = [d for d in DISCS if d[1] + d[2] < 0.6 * 128 - 4]
+    for cy, cx, r in discs:
+        h[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1.8
+    tissue = np.ones((n, n), bool)
+    assert threshold_otsu(h) > 1.8  # the nuclei fall below a plain Otsu threshold
+    p = M.normalise_params({})
+    labels, thr = M.segment_nuclei(h, tissue, mpp, p)
+    assert thr == p["h_ceiling_od"] and labels.max() == len(discs) >= 4
+    assert M.segment_nuclei(h, tissue, mpp, {**p, "h_ceiling_od": 10.0})[0].max() == 0
+    # without the clump limit the band (far larger than any clump of nuclei) is "nuclear"
+    labels, _ = M.segment_nuclei(h, tissue, mpp, {**p, "max_clump_um2": 0.0})
+    assert (labels > 0).mean() > 0.35
+
+
+# --------------------------------------------------------------------------- CMU-1 (real)
+CMU1 = Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs"
+
+
+def _independent_density(crops, mpp):
+    """Nuclei per mm² of tissue by a separate plain scikit-image pipeline over ``crops``
+    (pairs of an RGB image and the bool region of it to measure): rgb2hed, one Otsu
+    threshold on the haematoxylin of all their tissue, holes filled, objects below 10 µm²
+    removed, touching nuclei split by a distance-transform watershed (peaks >= 2.5 µm
+    apart), a nucleus counted where its centroid lies in the region.  Tissue: grey level
+    < 0.85 after a 2 µm blur; teal/blue dye (HSV hue 140-235°, S > 0.2) is neither.  Shares
+    no code with netsurv.pathology.morphology."""
+    from scipy import ndimage as ndi
+    from skimage.color import rgb2gray, rgb2hed, rgb2hsv
+    from skimage.feature import peak_local_max
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.measure import label, regionprops
+    from skimage.segmentation import watershed
+
+    prepared = []
+    for rgb, region in crops:
+        h = gaussian(rgb2hed(rgb)[..., 0], 1.0)
+        hsv = rgb2hsv(gaussian(rgb, 2.0, channel_axis=-1))
+        dye = (hsv[..., 0] >= 140 / 360) & (hsv[..., 0] < 235 / 360) & (hsv[..., 1] > 0.2)
+        dye = ndi.binary_dilation(dye, iterations=2)
+        tissue = (gaussian(rgb2gray(rgb), 2.0 / mpp) < 0.85) & ~dye
+        prepared.append((h, tissue, region))
+    thr = threshold_otsu(np.concatenate([h[t & r] for h, t, r in prepared]))
+    count, area = 0, 0
+    for h, tissue, region in prepared:
+        nuc = ndi.binary_fill_holes((h > thr) & tissue)
+        lab = label(nuc)
+        small = np.bincount(lab.ravel()) < 10 / mpp**2
+        small[0] = True
+        nuc = ~small[lab]
+        dist = ndi.distance_transform_edt(nuc)
+        peaks = peak_local_max(gaussian(dist, 1.0), min_distance=int(round(2.5 / mpp)),
+                               labels=label(nuc), exclude_border=False)
+        markers = np.zeros(nuc.shape, int)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        for r in regionprops(watershed(-dist, markers, mask=nuc)):
+            y, x = (int(round(v)) for v in r.centroid)
+            count += bool(region[y, x])
+        area += int((tissue & region).sum())
+    return count / (area * mpp**2 * 1e-6)
+
+
+def _cmu1_density_pair(tmp_path, subset):
+    import h5py
+    import openslide
+
+    from netsurv.pathology.tiling import tile_slide, write_coords
+
+    s = open_slide(CMU1)
+    res = tile_slide(s, device="numpy")
+    h5 = write_coords(tmp_path / "cmu1.h5", res, s, slide_id="cmu1")
+    size0 = res.plan.size_level0
+    if subset:  # first-pass tiles spread over the section (each owns its whole area)
+        keep = np.linspace(0, res.n_grid - 1, subset).round().astype(int)
+        with h5py.File(h5, "r+") as f:
+            for k in ("coords", "tissue_fraction", "gap_fill"):
+                v, attrs = f[k][:][keep], dict(f[k].attrs)
+                del f[k]
+                d = f.create_dataset(k, data=v)
+                for a, val in attrs.items():
+                    d.attrs[a] = val
+    feats, info = M.slide_features(h5, CMU1, {"max_tiles": None, "max_nuclei_per_tile": 4})
+    with h5py.File(h5, "r") as f:
+        coords = f["coords"][:]
+    with openslide.OpenSlide(str(CMU1)) as o:
+        if subset:  # each tile on its own (no overlaps among first-pass tiles)
+            crops = [(np.asarray(o.read_region((int(x), int(y)), 0, (size0, size0))
+                                 .convert("RGB")), np.ones((size0, size0), bool))
+                     for x, y in coords]
+        else:  # the whole slide once, measured over the union of the tiles
+            W, H = s.dimensions
+            region = np.zeros((H, W), bool)
+            for x, y in coords:
+                region[y:y + size0, x:x + size0] = True
+            crops = [(np.asarray(o.read_region((0, 0), 0, (W, H)).convert("RGB")), region)]
+    return feats["nuclei_density_mm2"], _independent_density(crops, s.mpp), info
+
+
+def test_cmu1_nuclei_density_matches_an_independent_count_on_tiles(tmp_path):
+    ours, indep, info = _cmu1_density_pair(tmp_path, subset=8)
+    print(f"CMU-1, 8 tiles: netsurv {ours:.0f} / mm², independent {indep:.0f} / mm²")
+    assert info["n_tiles"] == 8
+    assert 1000 < ours < 8000  # plausible H&E nuclear density (skin: dermis to epidermis)
+    assert ours == pytest.approx(indep, rel=0.15)
+
+
+@pytest.mark.slow
+def test_cmu1_nuclei_density_matches_an_independent_count_whole_slide(tmp_path):
+    """All tiles, gap-fill ones included (ownership: each nucleus once); the independent
+    pipeline runs once over the union of the tiles, so it cannot double count."""
+    ours, indep, info = _cmu1_density_pair(tmp_path, subset=0)
+    print(f"CMU-1, all tiles: netsurv {ours:.0f} / mm², independent {indep:.0f} / mm²")
+    assert info["n_tiles"] == info["n_tiles_total"] > 40
+    assert 1000 < ours < 8000
+    assert ours == pytest.approx(indep, rel=0.15)

@@ -167,3 +167,40 @@ def test_corrupt_and_missing_files(tmp_path):
         open_slide(bad)
     with pytest.raises(SlideError, match="not found"):
         open_slide(tmp_path / "nope.tiff")
+
+
+def test_screen_dpi_is_recognised_in_inch_and_cm(tmp_path):
+    """72 dpi is 352.8 µm/px, 300 dpi (118.11 px/cm) 84.7 µm/px: densities written by image
+    software, refused with what was read; a real 0.25 µm/px in cm passes."""
+    from netsurv.pathology.slides import MppError, _screen_dpi, _tiff_resolution
+
+    base = _pattern(256, 256)
+    p72 = tmp_path / "a.tif"
+    _write_pyramid(p72, base, [1], mpp=25400.0 / 72, unit="INCH")
+    r = _tiff_resolution(p72)
+    assert r["unit"] == "inch" and _screen_dpi(r) == 72
+    p300 = tmp_path / "b.tif"
+    _write_pyramid(p300, base, [1], mpp=25400.0 / 300, unit="CENTIMETER")
+    assert _screen_dpi(_tiff_resolution(p300)) == 300
+    ok = tmp_path / "c.tif"
+    _write_pyramid(ok, base, [1], mpp=0.25)
+    assert _screen_dpi(_tiff_resolution(ok)) is None and open_slide(ok).mpp == pytest.approx(0.25)
+    for p, dpi in ((p72, "72"), (p300, "300")):
+        with pytest.raises(MppError, match=f"{dpi} dpi") as e:
+            open_slide(p, backend="tifffile")
+        assert "slides.csv" in str(e.value) and str(p) in str(e.value)
+        s = open_slide(p, mpp_override=0.5, backend="tifffile")  # the fix
+        assert s.mpp == 0.5 and s.mpp_file_problem and s.mpp_conflict is None
+
+
+def test_file_mpp_outside_plausible_range(tmp_path):
+    from netsurv.pathology.slides import MppError
+
+    p = tmp_path / "huge.tif"
+    _write_pyramid(p, _pattern(128, 128), [1], mpp=40.0)  # 40 µm/px in cm: no screen dpi
+    with pytest.raises(MppError, match="outside the plausible range"):
+        open_slide(p)
+    p2 = tmp_path / "tiny.tif"
+    _write_pyramid(p2, _pattern(128, 128), [1], mpp=0.02)
+    with pytest.raises(MppError, match="0.02 µm/px"):
+        open_slide(p2)
