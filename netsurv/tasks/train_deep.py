@@ -48,22 +48,11 @@ class ImagingSteps:
 
 
 def wsi_bags(cohort, cfg: DictConfig, patients):
-    """Embed (or reuse) every slide of the cohort, then load bags per patient."""
-    from netsurv.tasks.embed import embed_cohort
-    from netsurv.training.datamodule import load_bags
+    """Bags of every patient with slides: a BagStore read from disk on demand (features of
+    ``embeddings.dir`` when set, else of the embedding stage, run first where needed)."""
+    from netsurv.training.bags import wsi_bag_store
 
-    if cohort.slides is None or len(cohort.slides) == 0:
-        from netsurv.cohort.schema import CohortError
-
-        raise CohortError(f"{cohort.root}: modality 'wsi' needs slides.csv")
-    res = embed_cohort(cohort, cfg)
-    if res["n_failed"]:
-        warnings.warn(f"{res['n_failed']} slide(s) failed tiling/embedding: see "
-                      f"{res['out']}/failures.csv", UserWarning)
-    log.info("embeddings: %s (%d new, %d reused, %.1f s)", res["out"], res["n_done"],
-             res["n_skipped"], res["seconds"])
-    bags, _ = load_bags(cohort.slides, res["out"], patients)
-    return bags, res
+    return wsi_bag_store(cohort, cfg, patients)
 
 
 def build_net(cfg: DictConfig, dims: dict[str, int], out_dim: int):
@@ -227,8 +216,8 @@ def survival_fn(loss: str, pred_out, fit_idx, time, event, edges):
 def write_attention(path: Path, split: str, patients, idx, pred, bags, role):
     """Tile attention of the given patients (the split's test patients) into ``attention.h5``
     (format: :mod:`netsurv.report.heatmap`), for heatmaps and tile galleries."""
-    from netsurv.report.heatmap import PatientAttention
     from netsurv.report.heatmap import write_attention as write
+    from netsurv.training.bags import attention_record
 
     if pred["attention"] is None:
         return
@@ -236,10 +225,10 @@ def write_attention(path: Path, split: str, patients, idx, pred, bags, role):
     records = []
     for j in idx:
         bag, r = bags.get(patients[j]), row[int(j)]
-        if bag is None or len(pred["attention"][r]) != len(bag.features):
+        if bag is None or len(pred["attention"][r]) != bag.n_tiles:
             continue  # no slide for this patient
-        records.append(PatientAttention(split, patients[j], bag.coords, bag.slide,
-                                        pred["attention"][r], bag.slide_ids,
-                                        bag.patch_size_level0, bag.read_mpp,
-                                        float(pred["risk"][r]), str(role[j])))
+        rec = attention_record(bag, split, patients[j], pred["attention"][r],
+                               float(pred["risk"][r]), str(role[j]))
+        if rec is not None:  # None: features without tile coordinates
+            records.append(rec)
     write(path, records)
