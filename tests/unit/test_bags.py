@@ -63,6 +63,8 @@ def embedded(tmp_path_factory):
         write_demo_slide(p, rng=np.random.default_rng(seed), density_z=0.0, size_z=0.0,
                          pleomorphism_z=0.0, mpp=0.5, width_um=768, height_um=768)
         rows.append({"patient_id": pid, "slide_id": f"s{k}", "path": str(p)})
+    (d / "broken.tiff").write_bytes(b"not a slide")      # fails in the tiling stage
+    rows.append({"patient_id": "P3", "slide_id": "broken", "path": str(d / "broken.tiff")})
     slides = pd.DataFrame(rows)
     cfg = {"data": {"derived": str(d / "derived")}, "tiling": dict(PARAMS),
            "encoder": {"name": "test_tiny", "weights": "random", "batch_size": 8,
@@ -72,13 +74,18 @@ def embedded(tmp_path_factory):
     class Cohort:  # what wsi_bag_store needs of a cohort
         root = d
     Cohort.slides = slides
-    store, info = wsi_bag_store(Cohort, cfg)
+    with pytest.warns(UserWarning, match=r"1 slide\(s\) have no usable features"):
+        store, info = wsi_bag_store(Cohort, cfg)
     return {"slides": slides, "store": store, "info": info, "cfg": cfg, "cohort": Cohort}
 
 
 def test_store_equals_in_memory_bags_on_embedded_demo_slides(embedded):
     store, info = embedded["store"], embedded["info"]
-    assert info["source"] == "embedding stage" and info["n_failed"] == 0
+    assert info["source"] == "embedding stage" and info["n_failed"] == 1
+    # the stage's failure is in the run's failures table, with the patient and the reason
+    fails = pd.read_csv(info["failures_csv"])
+    assert fails[["slide_id", "patient_id"]].values.tolist() == [["broken", "P3"]]
+    assert "tiling failed" in fails.reason[0]
     mem, missing = load_bags(embedded["slides"], info["out"], ["P0", "P1", "P2"])
     assert not missing and set(store) == set(mem) == {"P0", "P1", "P2"}
     assert store.dim == info["dim"] == 64 and info["encoder"] == "test_tiny"
@@ -338,6 +345,13 @@ def test_training_subsample_reads_only_the_chosen_rows(tmp_path, monkeypatch):
     assert item.shape == (16, 256) and len(rows) == 16 and np.all(np.diff(rows) > 0)
     np.testing.assert_array_equal(item.numpy(), x[rows])
     assert _CountingFile.nbytes < 16 * 1024 + 64 * 1024      # the rows + HDF5 metadata
+    # a dense choice (2000 rows within rows 1000..3999) is read as one slab: bounded by the
+    # SPAN_FACTOR x the chosen rows, not the whole file
+    rng = np.random.default_rng(1)
+    dense = np.sort(1000 + rng.choice(3000, 2000, replace=False))
+    _CountingFile.nbytes = 0
+    np.testing.assert_array_equal(store.read("P", dense).numpy(), x[dense])
+    assert 2000 * 1024 <= _CountingFile.nbytes <= 3000 * 1024 + 64 * 1024
     _CountingFile.nbytes = 0
     full = PatientDataset([0], ["P"], store, tab={}, present={}, time=[1.0], event=[1])[0]["wsi"]
     assert full.shape == (4000, 256) and _CountingFile.nbytes >= x.nbytes
