@@ -1,7 +1,8 @@
 """Memory and epoch time of deep training against the number of slides (features on disk).
 
     python benchmarks/scale.py --root /scratch/netsurv_scale [--sizes 250,1000,2000]
-        [--tiles 1000] [--dim 768] [--experiment pathomics] [--model abmil] [--legacy]
+        [--tiles 1000] [--dim 768] [--experiment pathomics] [--model abmil] [--repeats 1]
+        [--legacy]
 
 Writes synthetic per-slide features once under ``<root>/features/`` in TRIDENT's layout
 (``<slide_id>.h5``: ``features`` [tiles, dim] float16 and ``coords`` [tiles, 2], chunked by row,
@@ -173,6 +174,8 @@ def main():
     ap.add_argument("--max-instances", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds over all sizes; the table shows the fastest epoch of each")
     ap.add_argument("--legacy", action="store_true",
                     help="also run sizes whose bags fit in 3 GB with every bag in memory")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
@@ -192,6 +195,7 @@ def main():
     runs = [(n, False) for n in sizes]
     if args.legacy:
         runs += [(n, True) for n in sizes if n * args.tiles * args.dim * 4 < 3e9]
+    runs = runs * max(1, args.repeats)   # rounds of every size, so that load drifts hit all
     results = []
     for n, legacy in runs:
         cohort = make_cohort(root, n, feats)
@@ -215,6 +219,16 @@ def main():
               f"{r['rss_after_imports'] / 2**30:.2f}), epoch {r['epoch_s']:.1f} s "
               f"(validation {r['val_s']:.1f} s), index {r['index_s']:.1f} s, predict all "
               f"{r['predict_s']:.1f} s, process {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.repeats > 1:  # best epoch time and highest peak of each configuration
+        best = {}
+        for r in results:
+            k = (r["n"], r["legacy"])
+            b = best.setdefault(k, dict(r))
+            for key in ("epoch_s", "val_s", "index_s", "predict_s", "run_s"):
+                b[key] = min(b[key], r[key])
+            b["peak_rss"] = max(b["peak_rss"], r["peak_rss"])
+        results = sorted(best.values(), key=lambda r: (r["legacy"], r["n"]))
+        print(f"\nbest of {args.repeats} rounds (epoch time), highest peak RSS:")
     base = next(r for r in results if not r["legacy"])
     print(f"\n{'N':>6} {'bags':>9} {'peak RSS GiB':>13} {'x smallest':>10} {'epoch s':>8} "
           f"{'x smallest':>10} {'N ratio':>8} {'s / 1000 patients':>18}")
