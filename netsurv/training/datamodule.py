@@ -4,7 +4,10 @@ One item = one patient: all tiles of all their slides (slide index kept for heat
 clinical / radiomics / other feature-table vectors after the fitted feature steps, time, event,
 and a ``present`` flag per modality (missing modalities are zero-filled and flagged, the fusion
 layer decides what to do with them). Batches hold several patients (bags padded to the longest,
-with a mask) so that the Cox partial likelihood compares patients within a batch.
+with a mask) so that the Cox partial likelihood compares patients within a batch.  Bags come
+from a :class:`~netsurv.training.bags.BagStore` (read from disk per item, so memory does not
+grow with the cohort); evaluation batches are bounded by a tile budget
+(:class:`TileBudgetBatchSampler`).
 """
 from __future__ import annotations
 
