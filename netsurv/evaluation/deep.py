@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,36 +59,14 @@ class ImagingSteps:
 # --------------------------------------------------------------------------------------------
 # Bag access: the only places that know how tile-embedding bags are stored.
 # --------------------------------------------------------------------------------------------
-@dataclass
-class TileMeta:
-    """What attention.h5 records about a patient's tiles (format: netsurv.report.heatmap)."""
-
-    coords: np.ndarray
-    slide: np.ndarray
-    slide_ids: list[str]
-    patch_size_level0: list[int]
-    read_mpp: float
-    n_tiles: int
-
-
 def load_wsi(cohort, cfg: DictConfig, patients):
-    """(bags, embedding summary) of the cohort's slides: the embedding stage (tiles and embeds
-    the slides without cached output; sharded over the ranks, same result on each), then the
-    patients' bags."""
-    from netsurv.cohort.schema import CohortError
-    from netsurv.tasks.embed import embed_cohort
-    from netsurv.training.datamodule import load_bags
+    """(bag store, embedding summary) of the cohort's slides: the features of
+    ``embeddings.dir`` when set (TRIDENT/CLAM/netsurv layout), else the embedding stage's
+    (tiles and embeds the slides without cached output; sharded over the ranks, same result on
+    each).  Bags are read from disk per patient when a batch needs them."""
+    from netsurv.training.bags import wsi_bag_store
 
-    if cohort.slides is None or len(cohort.slides) == 0:
-        raise CohortError(f"{cohort.root}: modality 'wsi' needs slides.csv")
-    res = embed_cohort(cohort, cfg)
-    if res["n_failed"]:
-        warnings.warn(f"{res['n_failed']} slide(s) failed tiling/embedding: see "
-                      f"{res['out']}/failures.csv", UserWarning)
-    log.info("embeddings: %s (%d new, %d reused, %.1f s)", res["out"], res["n_done"],
-             res["n_skipped"], res["seconds"])
-    bags, _ = load_bags(cohort.slides, res["out"], patients)
-    return bags, res
+    return wsi_bag_store(cohort, cfg, patients)
 
 
 def bag_patients(bags) -> set[str]:
@@ -97,20 +74,27 @@ def bag_patients(bags) -> set[str]:
 
 
 def bag_dim(bags) -> int:
-    return next(iter(bags.values())).features.shape[1] if bags else 0
-
-
-def tile_meta(bags, patient: str) -> TileMeta | None:
-    bag = bags.get(patient) if bags is not None else None
-    if bag is None:
-        return None
-    return TileMeta(bag.coords, bag.slide, list(bag.slide_ids), list(bag.patch_size_level0),
-                    float(bag.read_mpp), len(bag.features))
+    return 0 if bags is None else int(bags.dim)
 
 
 def eval_batch_sampler(cfg: DictConfig, bags):
-    """How evaluation patients are cut into batches (None: ``optim.eval_batch_size`` each)."""
-    return None
+    """How evaluation patients are cut into batches: by ``optim.eval_tile_budget`` tiles per
+    padded batch (at most ``optim.eval_batch_size`` patients), largest bags first, so memory
+    per batch does not depend on how many tiles the cohort's slides hold; None without bags
+    or without a budget (``optim.eval_batch_size`` patients per batch)."""
+    from netsurv.training.datamodule import TileBudgetBatchSampler, size_order
+
+    budget = cfg.optim.get("eval_tile_budget")
+    if bags is None or not budget:
+        return None
+    max_batch = int(cfg.optim.get("eval_batch_size") or 64)
+
+    def batches(ds, positions):
+        sizes = ds.tile_counts()
+        mine = set(int(i) for i in positions)
+        order = [i for i in size_order(sizes) if i in mine]
+        return TileBudgetBatchSampler(order, sizes, int(budget), max_batch=max_batch)
+    return batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,18 +355,18 @@ def survival_fn(loss: str, pred_out, fit_idx, time, event, edges):
 def attention_records(split: str, patients, idx, risk, attention: dict, bags, role) -> list:
     """PatientAttention records (:mod:`netsurv.report.heatmap`) of the patients at positions
     ``idx`` that have tiles; ``attention``: {position: per-tile weights}."""
-    from netsurv.report.heatmap import PatientAttention
+    from netsurv.training.bags import attention_record
 
     out = []
     for j in idx:
         j = int(j)
-        meta = tile_meta(bags, patients[j])
+        bag = bags.get(patients[j]) if bags is not None else None
         a = attention.get(j)
-        if meta is None or a is None or len(a) != meta.n_tiles:
+        if bag is None or a is None or len(a) != bag.n_tiles:
             continue  # no slide for this patient
-        out.append(PatientAttention(split, patients[j], meta.coords, meta.slide, a,
-                                    meta.slide_ids, meta.patch_size_level0, meta.read_mpp,
-                                    float(risk[j]), str(role[j])))
+        rec = attention_record(bag, split, patients[j], a, float(risk[j]), str(role[j]))
+        if rec is not None:  # None: features without tile coordinates (no heatmap)
+            out.append(rec)
     return out
 
 

@@ -12,6 +12,23 @@ from netsurv.cohort.schema import Cohort, CohortError
 ACQ_EXCLUDE = {"patient_id", "image", "mask", "label"}
 
 
+def require_inputs(cohort: Cohort, cfg: DictConfig) -> None:
+    """Fail before any stage runs when a modality of the run has no usable item at all
+    (slides.csv / ct.csv absent, empty, or every path wrong); single bad rows are only recorded
+    as failures by the stages, so without this a run would end in an empty modality far from
+    the cause."""
+    from netsurv.cohort.schema import require_items
+
+    mods = set(cfg.modalities)
+    emb_dir = (cfg.get("embeddings") or {}).get("dir")
+    if "wsi" in mods:
+        require_items(cohort, "slides", need_files=not emb_dir)
+    if "pathomics" in mods and "pathomics" not in cohort.features:
+        require_items(cohort, "slides")
+    if "radiomics" in mods and "radiomics" not in cohort.features:
+        require_items(cohort, "ct")
+
+
 def modality_frames(cohort: Cohort, cfg: DictConfig) -> dict[str, pd.DataFrame]:
     """Raw per-modality tables indexed by patient_id.
 

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from netsurv.cohort.schema import CohortError
 from netsurv.cohort.splits import make_splits
 from netsurv.distributed import all_gather_object, broadcast_object, dist_env
-from netsurv.evaluation.inputs import acquisition_meta, modality_frames
+from netsurv.evaluation.inputs import acquisition_meta, modality_frames, require_inputs
 from netsurv.evaluation.records import RunData, SplitFit, SplitRecords, config_hash, split_key
 from netsurv.survival.losses import canonical_loss
 from netsurv.survival.metrics import (MetricError, bootstrap_ci, harrell_cindex, integrated_brier,
@@ -137,6 +137,7 @@ def prepare(cfg: DictConfig) -> RunData:
     if not deep and canonical_loss(cfg.loss.name) != "cox":
         raise ValueError(f"loss={cfg.loss.name}: classical models fit a Cox model; discrete-time "
                          "losses need a deep model (model=abmil, ...)")
+    require_inputs(cohort, cfg)
     frames = modality_frames(cohort, cfg)
     bags = bags_info = None
     if deep:

@@ -203,16 +203,18 @@ def draw_heatmap(slide, coords, scores, patch_size_level0: int, out_png=None, *,
 # --------------------------------------------------------------------------- tiles
 def read_tiles(slides: dict, pa: PatientAttention, idx, max_px: int = 224) -> list[np.ndarray]:
     """Tiles ``idx`` of ``pa`` read at ``pa.read_mpp`` (what the model saw), shown at most
-    ``max_px`` wide. ``slides``: slide index -> SlideReader."""
+    ``max_px`` wide. ``slides``: slide index -> SlideReader.  Features computed elsewhere
+    (TRIDENT/CLAM) record no µm/px: their tiles are shown at the slide's own resolution."""
     from netsurv.pathology.slides import resize_rgb
 
     out = []
     for i in idx:
         si = int(pa.slide[i])
         sl = slides[si]
-        size = max(1, int(round(pa.patch_size_level0[si] * sl.mpp / pa.read_mpp)))
+        mpp = pa.read_mpp if np.isfinite(pa.read_mpp) and pa.read_mpp > 0 else sl.mpp
+        size = max(1, int(round(pa.patch_size_level0[si] * sl.mpp / mpp)))
         x, y = pa.coords[i]
-        img = sl.read_at_mpp(int(x), int(y), size, pa.read_mpp, allow_upsample=True)
+        img = sl.read_at_mpp(int(x), int(y), size, mpp, allow_upsample=True)
         out.append(resize_rgb(img, max_px) if size > max_px else img)
     return out
 
@@ -234,8 +236,9 @@ def fig_tile_gallery(slides: dict, pa: PatientAttention, k: int = 8, max_px: int
             ax.set_title(f"{pa.attention[i]:.2e}\n{pa.slide_ids[pa.slide[i]]}", fontsize=6)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.suptitle(f"{pa.patient_id} ({pa.split}, risk {pa.risk:.3g}): tiles at "
-                 f"{pa.read_mpp:g} µm/px, attention weight above each", fontsize=9)
+    at = f"{pa.read_mpp:g} µm/px" if np.isfinite(pa.read_mpp) else "the slide's resolution"
+    fig.suptitle(f"{pa.patient_id} ({pa.split}, risk {pa.risk:.3g}): tiles at {at}, "
+                 "attention weight above each", fontsize=9)
     return fig
 
 

@@ -4,39 +4,33 @@ One item = one patient: all tiles of all their slides (slide index kept for heat
 clinical / radiomics / other feature-table vectors after the fitted feature steps, time, event,
 and a ``present`` flag per modality (missing modalities are zero-filled and flagged, the fusion
 layer decides what to do with them). Batches hold several patients (bags padded to the longest,
-with a mask) so that the Cox partial likelihood compares patients within a batch.
+with a mask) so that the Cox partial likelihood compares patients within a batch.  Bags come
+from a :class:`~netsurv.training.bags.BagStore` (read from disk per item, so memory does not
+grow with the cohort); evaluation batches are bounded by a tile budget
+(:class:`TileBudgetBatchSampler`).
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, get_worker_info
 
-__all__ = ["Bag", "load_bags", "TabularSteps", "PatientDataset", "collate_patients",
-           "SurvivalDataModule", "inner_split"]
+from netsurv.training.bags import Bag, BagStore
 
-
-@dataclass
-class Bag:
-    """All tiles of one patient. ``slide[i]`` indexes ``slide_ids`` for tile i."""
-
-    features: np.ndarray                   # float32 [N, D]
-    coords: np.ndarray                     # int64 [N, 2] level-0 top-left (x, y)
-    slide: np.ndarray                      # int64 [N]
-    slide_ids: list[str] = field(default_factory=list)
-    patch_size_level0: list[int] = field(default_factory=list)
-    read_mpp: float = float("nan")
+__all__ = ["Bag", "BagStore", "load_bags", "TabularSteps", "PatientDataset", "collate_patients",
+           "TileBudgetBatchSampler", "size_order", "SurvivalDataModule", "inner_split"]
 
 
 def load_bags(slides: pd.DataFrame, emb_dir, patients) -> tuple[dict[str, Bag], list[str]]:
-    """Read the embedding HDF5 of every slide (``<emb_dir>/<slide_id>.h5``) and group them by
-    patient. Slides without an embedding file (failed tiling/embedding) are left out with a
-    warning naming them; a patient with none of their slides left has no WSI modality."""
+    """Every bag in memory: read the embedding HDF5 of every slide (``<emb_dir>/<slide_id>.h5``)
+    and group them by patient.  Memory grows with the cohort: training runs use
+    :class:`~netsurv.training.bags.BagStore` (tiles read on demand); this stays as the simple
+    reference for small cohorts and tests.  Slides without an embedding file are left out with
+    a warning naming them; a patient with none of their slides left has no WSI modality."""
     import h5py
     from pathlib import Path
 
@@ -126,13 +120,18 @@ class TabularSteps:
 
 
 class PatientDataset(Dataset):
-    """Patients at positions ``idx``. In training a bag larger than ``max_instances`` is
-    subsampled (different tiles each epoch); evaluation always uses the full bag."""
+    """Patients at positions ``idx`` of ``patients``.
 
-    def __init__(self, idx, patients, bags: dict[str, Bag] | None, tab: dict[str, np.ndarray],
-                 present: dict[str, np.ndarray], time, event, *, targets=None,
-                 train: bool = False, max_instances: int | None = None, seed: int = 0,
-                 feat_dim: int = 0):
+    ``bags``: a :class:`~netsurv.training.bags.BagStore` (tiles read from disk when an item is
+    asked for, in DataLoader workers too) or a dict ``{patient_id: Bag}`` in memory; None
+    without the WSI modality.  In training a bag larger than ``max_instances`` is subsampled,
+    different tiles each epoch, and only the chosen rows are read; evaluation always uses the
+    full bag."""
+
+    def __init__(self, idx, patients, bags: BagStore | dict[str, Bag] | None,
+                 tab: dict[str, np.ndarray], present: dict[str, np.ndarray], time, event, *,
+                 targets=None, train: bool = False, max_instances: int | None = None,
+                 seed: int = 0, feat_dim: int = 0):
         self.idx = np.asarray(idx)
         self.patients = patients
         self.bags = bags
@@ -140,12 +139,37 @@ class PatientDataset(Dataset):
         self.time, self.event = np.asarray(time, np.float32), np.asarray(event, np.float32)
         self.targets = targets  # optional (bin index, event) for discrete-time losses
         self.train = train
-        self.max_instances = max_instances
+        self.max_instances = int(max_instances) if max_instances else None
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
-        self.feat_dim = feat_dim
+        self._worker_rng = None
+        self.feat_dim = int(getattr(bags, "dim", 0) or feat_dim)
 
     def __len__(self):
         return len(self.idx)
+
+    def _n_tiles(self, j: int) -> int:
+        bag = None if self.bags is None else self.bags.get(self.patients[j])
+        return 0 if bag is None else int(bag.n_tiles)
+
+    def tile_counts(self) -> np.ndarray:
+        """Tiles each item will carry (after training subsampling), in item order: the sizes a
+        :class:`TileBudgetBatchSampler` packs by."""
+        n = np.array([self._n_tiles(int(j)) for j in self.idx], np.int64)
+        if self.train and self.max_instances:
+            n = np.minimum(n, self.max_instances)
+        return n
+
+    def _rng(self) -> np.random.Generator:
+        # In a DataLoader worker the dataset is a copy made when the workers start (each
+        # epoch unless persistent): the parent's generator would replay the same subsamples.
+        # torch gives every worker of every epoch its own seed (from the loader's generator).
+        info = get_worker_info()
+        if info is None:
+            return self.rng
+        if self._worker_rng is None or self._worker_rng[0] != info.seed:
+            self._worker_rng = (info.seed, np.random.default_rng([info.seed, self.seed]))
+        return self._worker_rng[1]
 
     def __getitem__(self, i):
         j = int(self.idx[i])
@@ -158,12 +182,15 @@ class PatientDataset(Dataset):
         if self.bags is not None:
             bag = self.bags.get(self.patients[j])
             if bag is None:
-                x = np.zeros((0, self.feat_dim), np.float32)
+                x = torch.zeros((0, self.feat_dim), dtype=torch.float32)
             else:
-                x = bag.features
-                if self.train and self.max_instances and len(x) > self.max_instances:
-                    x = x[np.sort(self.rng.choice(len(x), self.max_instances, replace=False))]
-            item["wsi"] = torch.from_numpy(x)
+                n = bag.n_tiles
+                if self.train and self.max_instances and n > self.max_instances:
+                    rows = np.sort(self._rng().choice(n, self.max_instances, replace=False))
+                    x = bag.read(rows)
+                else:
+                    x = bag.read()
+            item["wsi"] = x
             item["present"]["wsi"] = len(x) > 0
         return item
 
@@ -193,6 +220,64 @@ def collate_patients(items: list[dict]) -> dict:
             mask[b, :k] = True
         out["wsi"], out["wsi_mask"] = x, mask
     return out
+
+
+class TileBudgetBatchSampler(BatchSampler):
+    """Batches of patients whose padded bag tensor stays within ``budget`` tiles.
+
+    ``TileBudgetBatchSampler(sampler, sizes, budget, drop_last=False, max_batch=None)``:
+    ``sampler`` yields dataset positions (a ``SequentialSampler(ds)``, a list such as
+    ``size_order(sizes)``, or the ``DistributedSampler`` Lightning injects under DDP: the
+    argument is named ``sampler`` for that); ``sizes[i]`` = tiles of item ``i``
+    (:meth:`PatientDataset.tile_counts`).  Consecutive items are grouped while
+    ``len(batch) * max(tiles in batch) <= budget`` (a batch is padded to its longest bag), so a
+    batch's features take at most ``budget x D x 4`` bytes; a patient larger than the budget
+    forms a batch alone.  ``max_batch`` caps the patients per batch (tabular-only patients
+    count as one tile).  Every item of the sampler is in exactly one batch, in sampler order
+    (``drop_last`` must stay False; it is there for Lightning, which re-creates samplers).
+
+    For evaluation (validation, test, prediction), where bags are whole: e.g.
+    ``DataLoader(ds, batch_sampler=TileBudgetBatchSampler(size_order(ds.tile_counts()),
+    ds.tile_counts(), budget=65536), collate_fn=collate_patients)``.
+    """
+
+    def __init__(self, sampler, sizes, budget: int, drop_last: bool = False,
+                 max_batch: int | None = None):
+        budget = int(budget)
+        if budget < 1:
+            raise ValueError(f"tile budget must be >= 1, got {budget}")
+        if max_batch is not None and int(max_batch) < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
+        if drop_last:  # the argument exists for Lightning, which re-creates batch samplers
+            raise ValueError("TileBudgetBatchSampler is for evaluation: every patient is in a "
+                             "batch (drop_last=True is not supported)")
+        super().__init__(sampler, batch_size=1, drop_last=False)
+        self.sizes = np.maximum(np.asarray(sizes, np.int64), 1)
+        self.budget = budget
+        self.max_batch = None if max_batch is None else int(max_batch)
+
+    def __iter__(self):
+        batch, longest = [], 0
+        for i in self.sampler:
+            s = int(self.sizes[int(i)])
+            wide = max(longest, s)
+            full = self.max_batch is not None and len(batch) >= self.max_batch
+            if batch and (full or (len(batch) + 1) * wide > self.budget):
+                yield batch
+                batch, wide = [], s
+            batch.append(int(i))
+            longest = wide
+        if batch:
+            yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.__iter__())
+
+
+def size_order(sizes) -> list[int]:
+    """Positions sorted by decreasing size (stable): consecutive patients of similar size pad
+    less, and the largest batch comes first (an out-of-memory shows at once)."""
+    return [int(i) for i in np.argsort(-np.asarray(sizes, np.int64), kind="stable")]
 
 
 class SurvivalDataModule(L.LightningDataModule):

@@ -89,3 +89,19 @@ def test_attention_h5_round_trip_choice_and_gallery(slide_path, tmp_path):
         assert len([a for a in fig.axes if a.images]) == 6  # 3 top + 3 bottom tiles
         img = fig.axes[0].images[0].get_array()
         assert img.shape == (64, 64, 3)    # 64 level-0 px (0.5 µm/px) read at 0.5 µm/px
+
+
+def test_gallery_of_features_without_mpp_reads_at_the_slide_resolution(slide_path):
+    """TRIDENT/CLAM feature files record no µm/px (read_mpp NaN): the gallery shows the tiles
+    at the slide's own resolution instead of failing on NaN."""
+    from netsurv.report.heatmap import read_tiles
+
+    coords = _grid()
+    pa = PatientAttention("s0", "P", coords, np.zeros(len(coords), int),
+                          np.full(len(coords), 1 / len(coords)), ["A"], [64], float("nan"))
+    hot = int(np.flatnonzero((coords[:, 0] == MARK[0]) & (coords[:, 1] == MARK[1]))[0])
+    with open_slide(slide_path) as sl:
+        (tile,) = read_tiles({0: sl}, pa, [hot])
+        fig = fig_tile_gallery({0: sl}, pa, k=2)
+    assert tile.shape == (64, 64, 3) and tile.max() == 0      # the black square, 64 px at 0.5
+    assert "slide's resolution" in fig._suptitle.get_text()
