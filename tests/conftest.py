@@ -41,3 +41,15 @@ def cohort_dir(tmp_path, clinical_df):
                   "f2": rng.normal(size=len(ids))}).to_csv(root / "features" / "radiomics.csv",
                                                            index=False)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_lightning_rank_zero():
+    """A Trainer built under faked launcher variables (torchrun/SLURM rank 3, say) sets
+    Lightning's process-wide ``rank_zero_only.rank``; later tests in the same process would then
+    log nothing (CSVLogger, rank-zero prints).  Put it back after every test."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    before = getattr(rank_zero_only, "rank", 0)  # Lightning sets it when imported: 0 here
+    yield
+    rank_zero_only.rank = before

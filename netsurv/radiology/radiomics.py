@@ -17,7 +17,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .volumes import VolumeError, load_case
@@ -104,17 +103,11 @@ class HashIndex:
         return h.hexdigest()
 
     def save(self):
-        from netsurv.stages import CorruptCacheError, folder_lock, read_json, write_json
+        from netsurv.stages import merge_json
 
         if not self.new and self.path.is_file():
             return
-        with folder_lock(self.path.parent, "file_hashes"):
-            try:
-                cur = dict(read_json(self.path))
-            except (FileNotFoundError, CorruptCacheError):
-                cur = {}
-            cur.update(self.new)
-            write_json(self.path, cur)
+        merge_json(self.path, self.new, "file_hashes")
         self.new = {}
 
 

@@ -4,14 +4,14 @@ locks, checksums verified on read, the cached (parallel) item loop with one fail
 and the rank logic that lets every stage run on every rank of a torchrun / SLURM job."""
 from .cache import (CorruptCacheError, ItemLocks, VerifiedFiles, arrays_checksum, atomic_path,
                     clean_stale_temps, discard, folder_lock, h5_attach_checksum, h5_checksum,
-                    read_json, temp_path, verify_h5, write_csv, write_json, write_text)
+                    merge_json, read_json, temp_path, verify_h5, write_csv, write_json, write_text)
 from .ranks import StageRankError, gather, local_only, rank_zero, shard, stage_env
 from .runner import (FAILURE_COLUMNS, ItemFailed, Outcome, die_with_parent, json_map,
                      process_pool, run_items)
 
 __all__ = ["CorruptCacheError", "ItemLocks", "VerifiedFiles", "arrays_checksum", "atomic_path",
            "clean_stale_temps", "discard", "folder_lock", "h5_attach_checksum", "h5_checksum",
-           "read_json", "temp_path", "verify_h5", "write_csv", "write_json", "write_text",
+           "merge_json", "read_json", "temp_path", "verify_h5", "write_csv", "write_json", "write_text",
            "StageRankError", "gather", "local_only", "rank_zero", "shard", "stage_env",
            "FAILURE_COLUMNS", "ItemFailed", "Outcome", "die_with_parent", "json_map",
            "process_pool", "run_items"]

@@ -39,7 +39,7 @@ import numpy as np
 __all__ = ["CorruptCacheError", "temp_path", "atomic_path", "write_text", "write_csv",
            "write_json", "read_json", "discard", "clean_stale_temps", "pid_alive", "ItemLocks",
            "folder_lock", "h5_checksum", "h5_attach_checksum", "verify_h5", "VerifiedFiles",
-           "arrays_checksum", "STALE_TMP_SECONDS"]
+           "arrays_checksum", "merge_json", "STALE_TMP_SECONDS"]
 
 log = logging.getLogger("netsurv.stages")
 
@@ -230,6 +230,20 @@ def folder_lock(folder, name: str = "folder", *, message: str | None = None):
         lock.release()
 
 
+def merge_json(path, entries: Mapping, lock: str) -> None:
+    """Add ``entries`` to the JSON mapping at ``path`` (written by :func:`write_json`) under the
+    folder's lock ``lock``: several jobs each add what they computed, none loses another's.  A
+    missing or damaged file starts afresh (it only memoises recomputable values)."""
+    path = Path(path)
+    with folder_lock(path.parent, lock):
+        try:
+            cur = dict(read_json(path))
+        except (FileNotFoundError, CorruptCacheError):
+            cur = {}
+        cur.update(entries)
+        write_json(path, cur)
+
+
 class ItemLocks:
     """Per-item locks and failure notes of one stage folder (``<folder>/.locks/``).
 
@@ -407,12 +421,6 @@ class VerifiedFiles:
         """Merge this process's entries into the memo file (under the folder's memo lock)."""
         if not self.new:
             return
-        with folder_lock(self.path.parent, "verified"):
-            try:
-                cur = dict(read_json(self.path))
-            except (FileNotFoundError, CorruptCacheError):
-                cur = {}
-            cur.update(self.new)
-            write_json(self.path, cur)
+        merge_json(self.path, self.new, "verified")
         self.table.update(self.new)
         self.new = {}
