@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -97,7 +98,7 @@ def one(args) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
-    import netsurv.tasks.train_deep as td
+    import netsurv.evaluation.deep as td
     import netsurv.training.module as M
     from netsurv.tasks.train import run
 
@@ -126,7 +127,7 @@ def one(args) -> dict:
         marks.setdefault("predict", []).append(time.perf_counter() - t)
         return out
     M.SurvivalModule.predict_loader = predict_loader
-    wsi = td.wsi_bags
+    wsi = td.load_wsi
 
     def timed_wsi(cohort, cfg, patients):
         t = time.perf_counter()
@@ -138,9 +139,12 @@ def one(args) -> dict:
             t = time.perf_counter()
             bags, _ = load_bags(cohort.slides, args.features, patients)
             marks["index"] = [marks["index"][0] + time.perf_counter() - t]
-            return bags, out[1]
+
+            class InMemory(dict):  # the store's one extra attribute the runner reads
+                dim = out[0].dim
+            return InMemory(bags), out[1]
         return out
-    td.wsi_bags = timed_wsi
+    td.load_wsi = timed_wsi
 
     overrides = [f"experiment={args.experiment}", f"model={args.model}", "data=cohort",
                  f"data.root={args.cohort}", f"embeddings.dir={args.features}",
@@ -200,6 +204,7 @@ def main():
     for n, legacy in runs:
         cohort = make_cohort(root, n, feats)
         out = root / "runs" / f"{'legacy' if legacy else 'store'}_{n}"
+        shutil.rmtree(out, ignore_errors=True)  # a finished run would be resumed, not retrained
         cmd = [sys.executable, __file__, "--root", str(root), "--one", str(n),
                "--cohort", str(cohort), "--features", str(feats), "--out", str(out),
                "--experiment", args.experiment, "--model", args.model,

@@ -70,6 +70,9 @@ def run(cfg: DictConfig) -> dict:
         warnings.simplefilter("always")
         # library-internal deprecation notices are not about the user's run
         warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+        # Lightning's hint on any machine with srun installed; netsurv takes its processes
+        # from netsurv.distributed (a one-process run there is meant to be one process)
+        warnings.filterwarnings("ignore", "The `srun` command is available on your system")
         metrics = _run(cfg, out, env.is_zero)
     if env.is_zero:
         seen = []
