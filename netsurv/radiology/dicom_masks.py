@@ -3,7 +3,8 @@ reference.
 
 The kind is told by the file's SOP Class UID, never by its name.  Both are checked against the
 image series (Series Instance UID and Frame of Reference UID) before use.  SEG frames are read
-by highdicom and placed by the SOP Instance UID of the image each was derived from; RTSTRUCT
+by highdicom and placed by the SOP Instance UID of the image each was derived from (by their
+position when they name none); RTSTRUCT
 contours are mapped to voxel indices with the image's own geometry (as SimpleITK read it) and
 filled per slice (:func:`fill_contour`).  Either way the mask cannot be flipped or shifted by a
 slice against the image.
@@ -196,14 +197,16 @@ def _rtstruct(path: Path, series: Series, roi, image: sitk.Image):
         for st in fr.get("RTReferencedStudySequence", []):
             for se in st.get("RTReferencedSeriesSequence", []):
                 ref_series.add(str(se.SeriesInstanceUID))
-    rois = [(int(r.ROINumber), str(r.get("ROIName", ""))) for r in
-            ds.get("StructureSetROISequence", [])]
-    ref_for |= {str(r.ReferencedFrameOfReferenceUID) for r in
-                ds.get("StructureSetROISequence", []) if "ReferencedFrameOfReferenceUID" in r}
     ref_for.discard("")
     _check_reference(path, "RTSTRUCT", series, ref_series, ref_for)
+    items = list(ds.get("StructureSetROISequence", []))
+    rois = [(int(r.ROINumber), str(r.get("ROIName", ""))) for r in items]
     number, name = pick_roi(rois, roi, path, "RTSTRUCT")
     label = f"ROI {number} {name!r}"
+    roi_for = str(items[rois.index((number, name))].get("ReferencedFrameOfReferenceUID", ""))
+    if roi_for and roi_for != series.frame_of_reference_uid:  # a structure set may span frames
+        raise VolumeError(f"{path}: {label} is drawn in Frame of Reference UID {roi_for}, not in "
+                          f"the image series' {series.frame_of_reference_uid} ({series.folder})")
     contours = []
     for rc in ds.get("ROIContourSequence", []):
         if str(rc.ReferencedROINumber) == str(number):
@@ -274,9 +277,33 @@ def _seg(path: Path, series: Series, roi, image: sitk.Image):
             source_sop_instance_uids=series.sop_uids, segment_numbers=[number],
             assert_missing_frames_are_empty=True)[..., 0]
     except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
-        raise VolumeError(f"{path}: the SEG frames of segment {number} {name!r} cannot be placed "
-                          f"on the images of {series.folder} ({exc})") from exc
+        arr = _seg_by_geometry(path, seg, number, name, series, image, exc)
+        notes.append(f"SEG frames of segment {number} {name!r} name no image of the series: "
+                     "placed by their position")
     if str(seg.SegmentationType) == "FRACTIONAL":
         arr = arr >= 0.5
         notes.append(f"fractional SEG: segment {number} {name!r} thresholded at 0.5")
     return (np.asarray(arr) > 0).astype(np.uint8), (number, name), notes
+
+
+def _seg_by_geometry(path, seg, number, name, series, image, why) -> np.ndarray:
+    """Segment ``number`` of a SEG whose frames do not name their source images, placed by
+    the frames' positions (highdicom permutes, flips, pads or crops it onto the image grid,
+    never resamples)."""
+    import highdicom as hd
+
+    from .volumes import geometry, geometry_mismatch
+
+    try:
+        vol = seg.get_volume(segment_numbers=[number])
+        placed = vol.match_geometry(hd.Volume.from_simpleitk(image).get_geometry())
+        out = placed.squeeze_channel().to_simpleitk()
+    except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        raise VolumeError(f"{path}: the SEG frames of segment {number} {name!r} cannot be placed "
+                          f"on the images of {series.folder}: they name no source image ({why}) "
+                          f"and their grid does not fit the image's ({exc})") from exc
+    if geometry_mismatch(image, out):
+        raise VolumeError(f"{path}: the SEG frames of segment {number} {name!r} name no source "
+                          f"image and lie on another grid than the image {series.folder}: "
+                          f"{geometry(out)} vs {geometry(image)}")
+    return sitk.GetArrayFromImage(out)

@@ -182,6 +182,17 @@ def test_rtstruct_and_seg_give_the_nifti_masks_features(case):
         assert abs(dv) <= 0.03 and abs(dhu) <= 2.0
 
 
+def test_seg_frames_without_source_images_are_placed_by_position(case, tmp_path):
+    ds = pydicom.dcmread(case["seg"])
+    for f in ds.PerFrameFunctionalGroupsSequence:
+        del f.DerivationImageSequence
+    ds.save_as(tmp_path / "noref.dcm")
+    c = load_case(case["series"], tmp_path / "noref.dcm")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(c.mask), case["truth"])
+    assert c.notes == ["SEG frames of segment 1 'GTV' name no image of the series: placed by "
+                       "their position"]
+
+
 def test_rtstruct_mask_equals_rt_utils_own_reading(case):
     # an independent reader on the contours rt-utils wrote (its fill is exact on its own
     # contours, which run through the boundary voxels' centres)
