@@ -133,9 +133,9 @@ def extract_case(image, mask, params: dict, label: int = 1, roi=None) -> tuple[d
 
 def provenance_note(prov: dict) -> str:
     """One line saying which ROI of which DICOM mask file was used and what rasterised it."""
-    what = "segment" if prov["mask_kind"] == "SEG" else "ROI"
+    what, how = ("segment", "read") if prov["mask_kind"] == "SEG" else ("ROI", "rasterised")
     return (f"{prov['mask_kind']} {what} {prov['roi_number']} {prov['roi']!r} of {prov['mask']} "
-            f"rasterised by {prov['rasteriser']}")
+            f"{how} by {prov['rasteriser']}")
 
 
 def _roi_of(row: dict, default):
