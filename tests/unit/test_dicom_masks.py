@@ -100,7 +100,7 @@ def contours_around_voxels(rs, img: sitk.Image, sops, mask, path):
     return path
 
 
-def write_seg(folder, sops, masks: dict, path):
+def write_seg(folder, sops, masks: dict, path, fractional=False):
     """SEG written by highdicom from the series ``folder``, one segment per ``label -> mask``."""
     import highdicom as hd
 
@@ -110,10 +110,12 @@ def write_seg(folder, sops, masks: dict, path):
                                                        "Morphologically Altered Structure"),
         segmented_property_type=hd.sr.CodedConcept("108369006", "SCT", "Neoplasm"),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL) for i, label in enumerate(masks)]
-    arr = np.stack([m.astype(np.uint8) for m in masks.values()], axis=-1)
+    arr = np.stack([m.astype(np.float32 if fractional else np.uint8) for m in masks.values()],
+                   axis=-1)
     seg = hd.seg.Segmentation(
         source_images=_sources(folder, sops), pixel_array=arr,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descs,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else
+        hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descs,
         series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer="netsurv tests", manufacturer_model_name="tests",
         software_versions="0", device_serial_number="0")
@@ -294,6 +296,17 @@ def test_roi_choice(multi):
     c = load_case(s, seg, roi=2)
     np.testing.assert_array_equal(_mask(c), multi["half"])
     assert c.provenance["rasteriser"].startswith("highdicom ")
+
+
+def test_fractional_seg_is_thresholded_at_half(multi, tmp_path):
+    # probabilities: 0.8 on the half tumour, 0.3 on the rest of it
+    p = np.where(multi["half"] > 0, 0.8, np.where(multi["truth"] > 0, 0.3, 0.0))
+    sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(multi["series"]))]
+    f = write_seg(multi["series"], sops, {"GTV": p}, tmp_path / "frac.dcm", fractional=True)
+    c = load_case(multi["series"], f)
+    np.testing.assert_array_equal(_mask(c), multi["half"])
+    assert c.notes == ["fractional SEG: segment 1 'GTV' thresholded at 0.5"]
 
 
 def test_mask_of_another_series_fails_naming_both_files_and_uids(multi):
