@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .volumes import VolumeError
+from .grid import VolumeError, geometry, geometry_mismatch
 
 RTSTRUCT_UID = "1.2.840.10008.5.1.4.1.1.481.3"
 SEG_UID = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -291,8 +291,6 @@ def _seg_by_geometry(path, seg, number, name, series, image, why) -> np.ndarray:
     the frames' positions (highdicom permutes, flips, pads or crops it onto the image grid,
     never resamples)."""
     import highdicom as hd
-
-    from .volumes import geometry, geometry_mismatch
 
     try:
         vol = seg.get_volume(segment_numbers=[number])
