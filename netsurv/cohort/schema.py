@@ -38,7 +38,7 @@ CLINICAL_REQUIRED = ("patient_id", "os_time", "os_event", "pfs_time", "pfs_event
 SLIDES_REQUIRED = ("patient_id", "slide_id")  # + "path" for every stage that reads the slide
 CT_REQUIRED = ("patient_id", "image", "mask")
 # text by contract: never converted to numbers ("007" stays "007")
-TEXT_COLUMNS = ("patient_id", "slide_id", "path", "image", "mask")
+TEXT_COLUMNS = ("patient_id", "slide_id", "path", "image", "mask", "roi")  # roi: "007" or "GTV"
 DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "vertical bar"}
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+(?:[eE][+-]?\d+)?$")
 

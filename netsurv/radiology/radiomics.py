@@ -8,6 +8,9 @@ deleted and recomputed; two jobs on one cohort never extract the same case twice
 locks); on several ranks each rank extracts ``cases[rank::world_size]`` and every rank
 returns the whole table.  Reading notes (mask labelled 255, other labels present, mask
 resampled) are kept per case: ``notes`` column of ``failures.csv`` and the console summary.
+A DICOM RTSTRUCT/SEG mask's provenance (kind, ROI used, rasteriser and version) is kept in the
+case's cache document and in the ``mask_kind``/``roi``/``rasteriser`` columns of
+``failures.csv``, where every such case has a row.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .dicom_masks import dicom_mask_kind, rasteriser
 from .volumes import VolumeError, load_case
 
 CODE_VERSION = "1"  # bump when netsurv's reading/label logic changes the features
@@ -111,14 +115,37 @@ class HashIndex:
         self.new = {}
 
 
-def extract_case(image, mask, params: dict, label: int = 1) -> tuple[dict, list[str]]:
-    """Features of one case (names as pyradiomics gives them) and the reading notes."""
+def _extract(image, mask, params: dict, label: int = 1, roi=None):
     case = load_case(image, mask, label=label, resample_mask=bool(params.get("resample_mask")),
-                     tol=float(params.get("geometry_tolerance", 1e-3)))
+                     tol=float(params.get("geometry_tolerance", 1e-3)), roi=roi)
     ext = make_extractor(params)
     out = ext.execute(case.image, case.mask, label=1)
     feats = {k: float(v) for k, v in out.items() if not k.startswith("diagnostics_")}
-    return feats, case.notes
+    return feats, case.notes, case.provenance
+
+
+def extract_case(image, mask, params: dict, label: int = 1, roi=None) -> tuple[dict, list[str]]:
+    """Features of one case (names as pyradiomics gives them) and the reading notes.  ``roi``:
+    the ROI/segment (name or number) of a DICOM RTSTRUCT/SEG mask."""
+    feats, notes, _ = _extract(image, mask, params, label, roi)
+    return feats, notes
+
+
+def provenance_note(prov: dict) -> str:
+    """One line saying which ROI of which DICOM mask file was used and what rasterised it."""
+    what, how = ("segment", "read") if prov["mask_kind"] == "SEG" else ("ROI", "rasterised")
+    return (f"{prov['mask_kind']} {what} {prov['roi_number']} {prov['roi']!r} of {prov['mask']} "
+            f"{how} by {prov['rasteriser']}")
+
+
+def _roi_of(row: dict, default):
+    """The ROI/segment asked for by a ct.csv row (its 'roi' cell, else radiology.roi)."""
+    v = row.get("roi")
+    if v is None or (isinstance(v, float) and pd.isna(v)) or str(v).strip() == "":
+        v = default
+    if isinstance(v, float) and v.is_integer():  # a segment number read as a float
+        v = int(v)
+    return None if v is None or str(v).strip() == "" else str(v).strip()
 
 
 def _worker_init():
@@ -132,11 +159,13 @@ def _worker_init():
 
 def _job(args) -> dict:
     """One case in a worker: features and notes, or the error (type and message)."""
-    pid, image, mask, label, params = args
+    pid, image, mask, label, params, roi = args
     t0 = time.perf_counter()
-    res = {"patient_id": pid, "features": None, "notes": [], "error_type": "", "error": ""}
+    res = {"patient_id": pid, "features": None, "notes": [], "provenance": {}, "error_type": "",
+           "error": ""}
     try:
-        res["features"], res["notes"] = extract_case(image, mask, params, label)
+        res["features"], res["notes"], res["provenance"] = _extract(image, mask, params, label,
+                                                                    roi)
     except VolumeError as exc:
         res["error_type"], res["error"] = type(exc).__name__, str(exc)
     except Exception as exc:  # pyradiomics raises bare ValueError/RuntimeError on odd ROIs
@@ -145,20 +174,20 @@ def _job(args) -> dict:
     return res
 
 
-ACQUISITION_EXCLUDE = {"patient_id", "image", "mask", "label"}
+ACQUISITION_EXCLUDE = {"patient_id", "image", "mask", "label", "roi"}
 FAILURE_COLUMNS = ["stage", "patient_id", "item_id", "path", "error_type", "error", "image",
-                   "mask", "status", "reason", "notes"]
+                   "mask", "status", "reason", "notes", "mask_kind", "roi", "rasteriser"]
 
 
 def _record(item, res: dict) -> dict:
-    """Cache document of one case (``features``, ``notes``, ``seconds``); a failed case
-    raises :class:`~netsurv.stages.ItemFailed`."""
+    """Cache document of one case (``features``, ``notes``, ``provenance``, ``seconds``); a
+    failed case raises :class:`~netsurv.stages.ItemFailed`."""
     from netsurv.stages import ItemFailed
 
     if res["error"]:
         raise ItemFailed(res["error_type"], res["error"])
     return {"features": res["features"], "notes": list(res["notes"]),
-            "seconds": round(res["seconds"], 3)}
+            "provenance": dict(res.get("provenance") or {}), "seconds": round(res["seconds"], 3)}
 
 
 def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
@@ -181,6 +210,7 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
     env = stage_env()
     ph = params_hash(params)
     default_label = int(params.get("label", 1))
+    default_roi = params.get("roi")
     dup = ct["patient_id"][ct["patient_id"].duplicated()].unique().tolist()
     if dup and env.rank == 0:
         log.warning("ct.csv has several scans for patient(s) %s; the first row of each is used",
@@ -198,15 +228,21 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
             label = default_label
             if "label" in r and pd.notna(r["label"]):
                 label = int(r["label"])
+            roi = _roi_of(r, default_roi)
             try:
-                key = hashlib.sha256(
-                    f"{index.file_hash(r['image'])}|{index.file_hash(r['mask'])}|{label}|{ph}"
-                    .encode()).hexdigest()[:16]
+                key = f"{index.file_hash(r['image'])}|{index.file_hash(r['mask'])}|{label}|{ph}"
+                kind = dicom_mask_kind(r["mask"])
+                if kind:  # the ROI picked and the rasteriser's version change the mask
+                    key += f"|{roi}|{rasteriser(kind)}"
+                key = hashlib.sha256(key.encode()).hexdigest()[:16]
             except OSError as exc:
                 pre.append((i, "failed", None, type(exc).__name__, f"cannot read input: {exc}"))
                 continue
+            except VolumeError as exc:
+                pre.append((i, "failed", None, type(exc).__name__, str(exc)))
+                continue
             items.append({"i": i, "patient_id": r["patient_id"], "image": r["image"],
-                          "mask": r["mask"], "label": label,
+                          "mask": r["mask"], "label": label, "roi": roi,
                           "cache": cases_dir / f"{r['patient_id']}-{key}.json"})
         index.save()
         if n_jobs > 1 and len(items) > 1:
@@ -218,7 +254,8 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
         outcomes = json_map(
             items, key=lambda it: str(it["patient_id"]), path=lambda it: it["cache"],
             compute=_job, record=_record, required=("features", "notes"),
-            payload=lambda it: (it["patient_id"], it["image"], it["mask"], it["label"], params),
+            payload=lambda it: (it["patient_id"], it["image"], it["mask"], it["label"], params,
+                                it["roi"]),
             locks=ItemLocks(out_dir), n_jobs=int(n_jobs), initializer=_worker_init,
             progress=progress, desc="radiomics", unit="case", what="radiomics case")
         return pre + [(it["i"], o.status, o.value, o.error_type, o.error)
@@ -230,16 +267,21 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
     for i, r in enumerate(rows):
         status, value, et, err = got[i]
         base = {"stage": "radiomics", "patient_id": r["patient_id"], "item_id": r["patient_id"],
-                "path": r["image"], "image": r["image"], "mask": r["mask"]}
+                "path": r["image"], "image": r["image"], "mask": r["mask"], "mask_kind": "",
+                "roi": _roi_of(r, default_roi) or "", "rasteriser": ""}
         if status == "failed":
             fail_rows.append({**base, "error_type": et, "error": err, "status": "failed",
                               "reason": err, "notes": ""})
             continue
         table_rows.append({"patient_id": r["patient_id"], **value["features"],
                            **{c: r[c] for c in acq_cols}})
-        if value.get("notes"):
+        prov = value.get("provenance") or {}
+        notes = ([provenance_note(prov)] if prov else []) + list(value.get("notes") or [])
+        if notes:
             fail_rows.append({**base, "error_type": "", "error": "", "status": "noted",
-                              "reason": "", "notes": "; ".join(value["notes"])})
+                              "reason": "", "notes": "; ".join(notes),
+                              **({"mask_kind": prov["mask_kind"], "roi": prov["roi"],
+                                  "rasteriser": prov["rasteriser"]} if prov else {})})
     table = pd.DataFrame(table_rows)
     report = pd.DataFrame(fail_rows, columns=FAILURE_COLUMNS)
     fail = report[report["status"] == "failed"].reset_index(drop=True)

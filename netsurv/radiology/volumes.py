@@ -1,4 +1,5 @@
-"""Read CT volumes and tumour masks (DICOM series, NIfTI, NRRD, MHA) and make them agree.
+"""Read CT volumes and tumour masks (DICOM series, NIfTI, NRRD, MHA; masks also DICOM RTSTRUCT
+and SEG, see :mod:`netsurv.radiology.dicom_masks`) and make them agree.
 
 pyradiomics fails late and cryptically on the classic problems (geometry mismatch, masks
 labelled 255, empty masks), so every case is checked here first and fails with a reason that
@@ -12,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-
-class VolumeError(ValueError):
-    """A CT case cannot be used; the message names the file and the reason."""
+from .grid import VolumeError, geometry, geometry_mismatch  # noqa: F401 - also imported from here
 
 
 ROLE_FIX = {
@@ -98,46 +97,40 @@ def non_finite_voxels(path, img: sitk.Image) -> tuple[int, tuple[int, ...] | Non
     return int(bad.sum()), tuple(int(v) for v in first[:img.GetDimension()][::-1])
 
 
-def geometry(img: sitk.Image) -> dict:
-    return {"size": tuple(img.GetSize()), "spacing": tuple(round(s, 6) for s in img.GetSpacing()),
-            "origin": tuple(round(o, 4) for o in img.GetOrigin()),
-            "direction": tuple(round(d, 6) for d in img.GetDirection())}
-
-
-def geometry_mismatch(image: sitk.Image, mask: sitk.Image, tol: float = 1e-3) -> list[str]:
-    """Differences beyond ``tol`` (relative for spacing, mm for origin, absolute for direction)."""
-    diffs = []
-    if image.GetSize() != mask.GetSize():
-        diffs.append("size")
-    if not np.allclose(image.GetSpacing(), mask.GetSpacing(), rtol=tol, atol=0):
-        diffs.append("spacing")
-    if not np.allclose(image.GetOrigin(), mask.GetOrigin(), rtol=0,
-                       atol=max(tol, tol * min(image.GetSpacing()))):
-        diffs.append("origin")
-    if not np.allclose(image.GetDirection(), mask.GetDirection(), atol=tol):
-        diffs.append("direction")
-    return diffs
-
-
 @dataclass
 class Case:
     image: sitk.Image
     mask: sitk.Image          # binary uint8, 1 = region of interest, same geometry as image
     notes: list[str] = field(default_factory=list)
+    # DICOM RTSTRUCT/SEG masks: mask_kind, roi, roi_number, mask (file), rasteriser; else empty
+    provenance: dict = field(default_factory=dict)
 
 
 def load_case(image_path, mask_path, *, label: int = 1, resample_mask: bool = False,
-              tol: float = 1e-3) -> Case:
+              tol: float = 1e-3, roi=None) -> Case:
     """Read image and mask, reconcile geometry, and binarise the mask on ``label``.
 
+    - a DICOM RTSTRUCT or SEG mask (told by its SOP class) is rasterised on the image, which
+      must be the DICOM series it references; ``roi`` names the ROI/segment (name or number;
+      may be empty when the file holds one); ``label`` does not apply to it;
     - geometry mismatch: resample the mask onto the image grid (nearest neighbour) when
       ``resample_mask``; otherwise fail giving both geometries;
     - a binary mask labelled 255 is accepted for ``label=1`` (with a note);
     - a mask without the label, or empty after resampling, fails with the labels it holds.
     """
+    from .dicom_masks import dicom_mask_kind, read_dicom_mask
+
     image = read_volume(image_path, "image")
-    mask = read_volume(mask_path, "mask")
+    kind = dicom_mask_kind(mask_path)
     notes: list[str] = []
+    provenance: dict = {}
+    if kind:
+        if image.GetDimension() != 3:
+            raise VolumeError(f"{image_path}: expected a 3-D volume, got {image.GetDimension()}-D")
+        dm = read_dicom_mask(mask_path, image_path, image, kind, roi)
+        mask, notes, provenance, label = dm.mask, list(dm.notes), dm.provenance, 1
+    else:
+        mask = read_volume(mask_path, "mask")
     if image.GetDimension() != 3 or mask.GetDimension() != 3:
         raise VolumeError(f"{image_path} / {mask_path}: expected 3-D volumes, got "
                           f"{image.GetDimension()}-D image and {mask.GetDimension()}-D mask")
@@ -162,6 +155,11 @@ def load_case(image_path, mask_path, *, label: int = 1, resample_mask: bool = Fa
         if label == 1 and present == [255]:
             use = 255
             notes.append("binary mask labelled 255: using 255 as the region of interest")
+        elif not present and provenance:
+            raise VolumeError(f"{mask_path}: mask is empty ({provenance['mask_kind']} "
+                              f"{'segment' if kind == 'SEG' else 'ROI'} "
+                              f"{provenance['roi_number']} {provenance['roi']!r} rasterises to "
+                              "no voxel of the image)")
         elif not present:
             raise VolumeError(f"{mask_path}: mask is empty (no non-zero voxel"
                               f"{' after resampling' if diffs else ''})")
@@ -177,4 +175,4 @@ def load_case(image_path, mask_path, *, label: int = 1, resample_mask: bool = Fa
     else:
         binary = sitk.Cast(sitk.BinaryThreshold(mask, use, use, 1, 0), sitk.sitkUInt8)
     binary.CopyInformation(image)
-    return Case(image=image, mask=binary, notes=notes)
+    return Case(image=image, mask=binary, notes=notes, provenance=provenance)
