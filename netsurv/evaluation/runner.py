@@ -236,10 +236,16 @@ def _write_attention(path: Path, split: str, records: list) -> None:
 
 def _run(cfg: DictConfig, out: Path, is_zero: bool) -> dict | None:
     env = dist_env()
-    data = prepare(cfg)
     deep = is_deep(cfg)
     protocol = OmegaConf.to_container(cfg.evaluation, resolve=True)
-    splits = make_splits(protocol, data.event)
+    external = None
+    if protocol.get("name") == "external":  # train on data.root, score evaluation.test_root
+        from netsurv.evaluation.external import prepare_external
+
+        data, splits, external = prepare_external(cfg)
+    else:
+        data = prepare(cfg)
+        splits = make_splits(protocol, data.event)
     chash = config_hash(cfg)
     keys = {s.name: split_key(chash, data.patients, s) for s in splits}
     store = SplitRecords(out)
@@ -276,7 +282,13 @@ def _run(cfg: DictConfig, out: Path, is_zero: bool) -> dict | None:
                     records[got[0]["split"]] = got[0]
     if not is_zero:
         return None
-    return _assemble(cfg, data, splits, protocol, records, out, deep)
+    metrics = _assemble(cfg, data, splits, protocol, records, out, deep)
+    if external is not None:
+        metrics["external"] = external
+        # one test cohort: its interval is the bootstrap over test patients, not over splits
+        metrics["cindex"]["ci95"] = list(metrics["cindex"]["bootstrap_ci95_per_split"]["external"])
+        metrics["cindex"]["ci95_method"] = "bootstrap over test patients"
+    return metrics
 
 
 def _summary(values: dict) -> dict:
