@@ -25,6 +25,8 @@ from netsurv.evaluation.records import RunData
 
 TEST_PREFIX = "test:"
 SPLIT_NAME = "external"
+# library notices the runner also leaves out of warnings.log
+QUIET = (".*LeafSpec.*is deprecated.*", "The `srun` command is available on your system")
 
 
 def test_config(cfg: DictConfig) -> DictConfig:
@@ -46,6 +48,9 @@ def test_config(cfg: DictConfig) -> DictConfig:
             tcfg.data.demo.seed = int(seed)
             if root:
                 tcfg.data.root = str(root)
+            elif str(tcfg.data.root) == str(cfg.data.root):  # data.root was given literally
+                train_root = Path(str(cfg.data.root)).expanduser().resolve()
+                tcfg.data.root = str(train_root.with_name(f"{train_root.name}-test-seed{seed}"))
         else:
             tcfg.data.root = str(Path(str(root)).expanduser().resolve())
             if not (Path(str(tcfg.data.root)) / "clinical.csv").is_file():
@@ -164,6 +169,8 @@ def prepare_external(cfg: DictConfig) -> tuple[RunData, list[Split], dict]:
     train = prepare(cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", pattern)
         test = prepare(tcfg)
     where = str(test.cohort.root)
     for w in caught:  # say which cohort a stage or data warning is about
@@ -201,7 +208,7 @@ def prepare_external(cfg: DictConfig) -> tuple[RunData, list[Split], dict]:
     info = {"train_root": str(train.cohort.root), "test_root": where,
             "n_train": n_tr, "n_train_events": int(train.event.sum()),
             "n_test": len(test.patients), "n_test_events": int(test.event.sum()),
-            "renamed_test_ids": n_ren}
+            "renamed_test_ids": n_ren, "test_id_prefix": TEST_PREFIX}
     if test.bags_info is not None:
         info["test_embeddings"] = {k: test.bags_info.get(k) for k in (
             "out", "encoder", "n_tiles", "tiling_params_hash")}

@@ -146,3 +146,26 @@ def test_predict_script_without_outcomes_and_mismatched_features(cohorts, tmp_pa
     f.to_csv(bare / "features" / "radiomics.csv", index=False)
     with pytest.raises(CohortError, match=r"'radiomics' table lacks 1 feature column.*'f1'"):
         predict(tmp / "run", OmegaConf.create({"root": str(bare)}), tmp_path / "p2")
+
+
+def test_deep_tabular_external_and_predict(cohorts, tmp_path):
+    """A deep model (clinical + the feature table through ComBat) saved by an external run is
+    reloaded by predict (fitted tabular steps included) and gives the run's test risks."""
+    tmp, _ = cohorts
+    out = tmp_path / "deep"
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            *[o for o in FAST if not o.startswith(("model.grid", "experiment="))],
+            "experiment=clinical_radiomics", f"data.root={tmp / 'train'}",
+            f"evaluation.test_root={tmp / 'test'}", f"+output_dir={out}", "optim.max_epochs=3",
+            "optim.min_epochs=1", "optim.select_after=0", "optim.smooth=2", "optim.patience=0",
+            "tabular.k=3", "trainer.enable_progress_bar=false"])
+    m = run(cfg)
+    assert m["protocol"] == "external" and m["external"]["n_test"] == 40
+    assert m["external"]["harmonize"]["modalities"]["radiomics"]["test_batches"]["Z"]["n"] == 12
+    s = predict(out, OmegaConf.create({"root": str(tmp / "test")}), tmp_path / "p")
+    got = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    want = pd.read_csv(out / "predictions.csv").query("role == 'test'")
+    assert np.isfinite(got.risk).all() and len(got) == len(want) == 40
+    np.testing.assert_allclose(got.risk.to_numpy(), want.risk.to_numpy(), atol=1e-5, rtol=0)
+    assert s["cindex"] == pytest.approx(m["cindex"]["mean"], abs=1e-6)
