@@ -1,7 +1,7 @@
 """External validation (``evaluation=external``): fit on every patient of ``data.root``, score
 another cohort (``evaluation.test_root``, or a second demo cohort ``evaluation.test_demo_seed``).
 
-Both cohorts go through :func:`netsurv.evaluation.runner.prepare` with the same configuration
+Both cohorts go through the runner's ``prepare`` with the same configuration
 (stages, encoder, tiling, radiomics parameters); only the cohort folder and its ``derived``
 cache differ.  They are then joined into one :class:`RunData` with a single split whose
 ``train`` positions are the training cohort and whose ``test`` positions are the test cohort,
@@ -161,10 +161,9 @@ def harmonize_summary(cfg, frames, meta, train_ids, test_ids) -> dict | None:
     return res
 
 
-def prepare_external(cfg: DictConfig) -> tuple[RunData, list[Split], dict]:
-    """(joined RunData, [the one split], the ``external`` block of metrics.json)."""
-    from netsurv.evaluation.runner import prepare
-
+def prepare_external(cfg: DictConfig, prepare) -> tuple[RunData, list[Split], dict]:
+    """(joined RunData, [the one split], the ``external`` block of metrics.json);
+    ``prepare``: the runner's cohort preparation (config -> RunData), applied to each cohort."""
     tcfg = test_config(cfg)
     train = prepare(cfg)
     with warnings.catch_warnings(record=True) as caught:

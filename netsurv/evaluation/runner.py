@@ -242,7 +242,7 @@ def _run(cfg: DictConfig, out: Path, is_zero: bool) -> dict | None:
     if protocol.get("name") == "external":  # train on data.root, score evaluation.test_root
         from netsurv.evaluation.external import prepare_external
 
-        data, splits, external = prepare_external(cfg)
+        data, splits, external = prepare_external(cfg, prepare)
     else:
         data = prepare(cfg)
         splits = make_splits(protocol, data.event)

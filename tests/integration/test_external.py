@@ -169,3 +169,19 @@ def test_deep_tabular_external_and_predict(cohorts, tmp_path):
     assert np.isfinite(got.risk).all() and len(got) == len(want) == 40
     np.testing.assert_allclose(got.risk.to_numpy(), want.risk.to_numpy(), atol=1e-5, rtol=0)
     assert s["cindex"] == pytest.approx(m["cindex"]["mean"], abs=1e-6)
+
+
+def test_predict_with_a_holdout_run_averages_the_split_models(cohorts, tmp_path):
+    tmp, _ = cohorts
+    out = tmp_path / "holdout"
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            *[o for o in FAST if o != "evaluation=external"], "evaluation=holdout",
+            "evaluation.seeds=[0,1]", f"data.root={tmp / 'train'}", f"+output_dir={out}"])
+    run(cfg)
+    s = predict(out, OmegaConf.create({"root": str(tmp / "train")}), tmp_path / "p")
+    assert s["models"] == ["seed0", "seed1"]
+    got = pd.read_csv(tmp_path / "p" / "predictions.csv").set_index("patient_id").risk
+    # each split's model scored every patient in the run: their mean is what predict gives
+    want = pd.read_csv(out / "predictions.csv").groupby("patient_id").risk.mean()
+    np.testing.assert_allclose(got.loc[want.index], want, rtol=1e-12, atol=1e-12)
