@@ -51,7 +51,7 @@ class CohortInputs:
 def run_config(run_dir) -> DictConfig:
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: run=<dir> must be the directory of a finished "
+        raise CohortError(f"{p} not found: run=<dir> must be the directory of a finished "
                                 "scripts/train.py run (it holds config.yaml and models/)")
     return OmegaConf.load(p)
 
@@ -66,7 +66,7 @@ def load_fitted(run_dir) -> list[Fitted]:
     ext = ".pt" if deep else ".joblib"
     files = sorted(p for p in models.glob(f"*{ext}") if p.suffixes == [ext])
     if not files:
-        raise FileNotFoundError(f"{models}: no fitted model (*{ext}); is the run finished?")
+        raise CohortError(f"{models}: no fitted model (*{ext}); is the run finished?")
     chosen = [p for p in files if p.stem == "external"] or files
     out = []
     for p in chosen:
@@ -76,7 +76,7 @@ def load_fitted(run_dir) -> list[Fitted]:
 
             side = p.with_suffix(".inputs.joblib")
             if not side.is_file():
-                raise FileNotFoundError(f"{side} not found: this run was made by a netsurv "
+                raise CohortError(f"{side} not found: this run was made by a netsurv "
                                         "version that did not save the fitted feature steps of "
                                         "deep models; train it again to predict with it")
             snaps = p.with_suffix(".snapshots.pt")
