@@ -381,6 +381,12 @@ def save_model(model: dict, path: Path) -> None:
     if model.get("snapshots"):
         torch.save(model["snapshots"], path.with_suffix(".snapshots.pt"))
     if model.get("inputs") is not None:  # fitted feature steps, for scripts/predict.py
+        import copy
+
         import joblib
 
-        joblib.dump(model["inputs"], path.with_suffix(".inputs.joblib"))
+        steps = {m: copy.copy(s) for m, s in model["inputs"]["steps"].items()}
+        for s in steps.values():  # the cohort's acquisition table: patient data, not a fit
+            if hasattr(s, "meta"):
+                s.meta = None
+        joblib.dump({**model["inputs"], "steps": steps}, path.with_suffix(".inputs.joblib"))
