@@ -40,3 +40,36 @@ def test_embeddings_must_match_the_run(tmp_path):
     with pytest.raises(CohortError, match="tiling parameters mismatch"):
         check_embeddings(tmp_path, f, {**ok, "tiling_params_hash": "def"})
     check_embeddings(tmp_path, f, {**ok, "tiling_params_hash": None})  # features from elsewhere
+
+
+def test_external_test_config(tmp_path):
+    from netsurv.evaluation.external import test_config
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "clinical.csv").write_text("patient_id\n")
+
+    def cfg(**ev):
+        return OmegaConf.create({
+            "data": {"root": str(tmp_path / "a"), "derived": "${data.root}/derived", "demo": None},
+            "evaluation": {"name": "external", "test_root": None, "test_demo_seed": None, **ev}})
+
+    with pytest.raises(CohortError, match="needs the test cohort: evaluation.test_root="):
+        test_config(cfg())
+    with pytest.raises(CohortError, match="test_demo_seed generates a second demo cohort"):
+        test_config(cfg(test_demo_seed=1))
+    with pytest.raises(CohortError, match="no clinical.csv there"):
+        test_config(cfg(test_root=str(tmp_path / "c")))
+    t = test_config(cfg(test_root=str(tmp_path / "b")))
+    assert t.data.root == str(tmp_path / "b") and t.data.derived == str(tmp_path / "b" / "derived")
+    same = cfg(test_root=str(tmp_path / "b"))
+    same.data.root = str(tmp_path / "b")
+    with pytest.raises(CohortError, match="is the training cohort"):
+        test_config(same)
+    # a second demo cohort: another seed, its own folder and cache
+    demo = OmegaConf.create({
+        "data": {"root": str(tmp_path) + "/n${data.demo.n_patients}-seed${data.demo.seed}",
+                 "derived": "${data.root}/derived", "demo": {"n_patients": 24, "seed": 0}},
+        "evaluation": {"name": "external", "test_root": None, "test_demo_seed": 3}})
+    t = test_config(demo)
+    assert t.data.root == str(tmp_path / "n24-seed3") and t.data.demo.seed == 3
+    assert t.data.derived == str(tmp_path / "n24-seed3" / "derived")
