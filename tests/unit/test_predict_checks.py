@@ -40,6 +40,7 @@ def test_embeddings_must_match_the_run(tmp_path):
     with pytest.raises(CohortError, match="tiling parameters mismatch"):
         check_embeddings(tmp_path, f, {**ok, "tiling_params_hash": "def"})
     check_embeddings(tmp_path, f, {**ok, "tiling_params_hash": None})  # features from elsewhere
+    check_embeddings(tmp_path, f, {**ok, "encoder": "unknown (features from /b)"})
 
 
 def test_external_test_config(tmp_path):
