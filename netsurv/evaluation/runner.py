@@ -98,9 +98,12 @@ def run(cfg: DictConfig) -> dict:
 
 def _print_summary(metrics: dict, out: Path) -> None:
     c = metrics["cindex"]
+    ext = metrics.get("external")
+    how = (f"{ext['n_train']} training, {ext['n_test']} test patients" if ext else
+           f"{len(c['per_split'])} splits, {metrics['n_patients']} patients")
     line = (f"{metrics['experiment']} · {metrics['endpoint']} · harmonize={metrics['harmonize']} · "
-            f"{metrics['protocol']} ({len(c['per_split'])} splits, {metrics['n_patients']} "
-            f"patients): test C-index {c['mean']:.3f} (95% CI {c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})")
+            f"{metrics['protocol']} ({how}): test C-index {c['mean']:.3f} "
+            f"(95% CI {c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})")
     if "oracle_cindex" in metrics:
         line += f" · oracle {metrics['oracle_cindex']['mean']:.3f}"
     print(line, flush=True)
