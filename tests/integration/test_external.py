@@ -117,7 +117,15 @@ def test_predict_reproduces_the_external_test_risks(cohorts, tmp_path):
     np.testing.assert_array_equal(got.risk.to_numpy(), want.risk.to_numpy())  # exactly
     assert s["models"] == ["external"]
     saved = json.loads((tmp / "run" / "metrics.json").read_text())
-    assert s["cindex"] == pytest.approx(saved["cindex"]["mean"])
+    assert s["cindex"] == saved["cindex"]["mean"]
+    # bitwise, at full precision (the split record's JSON, not the CSV's 16 digits)
+    from netsurv.cohort.schema import load_cohort
+    from netsurv.evaluation.predict import cohort_inputs, load_fitted, predict_risk, run_config
+    rec = json.loads((tmp / "run" / "splits" / "external.json").read_text())["predictions"]
+    cfg, fitted = run_config(tmp / "run"), load_fitted(tmp / "run")
+    inputs = cohort_inputs(cfg, load_cohort(tmp / "test", outcomes=False), fitted[0])
+    risk = predict_risk(cfg, fitted[0], inputs)["risk"]
+    np.testing.assert_array_equal(risk, np.asarray(rec["risk"])[np.asarray(rec["role"]) == "test"])
     z = s["harmonize"]["models"]["external"]["radiomics"]["unseen_batches"]["Z"]
     assert z["n"] == 12 and z["action"] == "estimated from its own rows"
 
