@@ -106,6 +106,24 @@ def check_tables(expected: dict[str, list | None], test: dict[str, pd.DataFrame]
     return out
 
 
+def check_batches(cfg, frames: dict, meta, where: str) -> None:
+    """With ComBat, every patient of a harmonised table needs its batch (ct.csv column)."""
+    h = cfg.harmonize
+    if str(h.method) != "combat":
+        return
+    for m in [m for m in h.modalities if m in frames]:
+        ids = list(frames[m].index)
+        if meta is None or h.batch_col not in meta.columns:
+            missing = ids
+        else:
+            batch = meta[h.batch_col].reindex(ids)
+            missing = list(batch.index[batch.isna()])
+        if missing:
+            raise CohortError(f"{where}/ct.csv: no {h.batch_col!r} (ComBat batch of the {m!r} "
+                              f"table) for {len(missing)} patient(s), e.g. {missing[:5]}; give "
+                              f"each patient's {h.batch_col} in ct.csv")
+
+
 def _concat_meta(a, b):
     if a is None or b is None:
         return a if b is None else b
@@ -176,6 +194,7 @@ def prepare_external(cfg: DictConfig, prepare) -> tuple[RunData, list[Split], di
         warnings.warn(f"test cohort {where}: {w.message}", w.category)
     frames_te = check_tables({m: None if m == "clinical" else list(f.columns)
                               for m, f in train.frames.items()}, test.frames, cfg, where)
+    check_batches(cfg, frames_te, test.meta, where)
     clash = set(train.patients)
     rename = {p: (f"{TEST_PREFIX}{p}" if p in clash else p) for p in test.patients}
     n_ren = sum(rename[p] != p for p in test.patients)

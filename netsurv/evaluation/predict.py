@@ -108,7 +108,7 @@ def expected_columns(fitted: Fitted) -> dict[str, list[str] | None]:
 
 def cohort_inputs(cfg: DictConfig, cohort, fitted: Fitted) -> CohortInputs:
     """Run the run's stages on ``cohort`` and check its tables against the fitted steps."""
-    from netsurv.evaluation.external import check_tables
+    from netsurv.evaluation.external import check_batches, check_tables
     from netsurv.evaluation.inputs import acquisition_meta, modality_frames, require_inputs
 
     require_inputs(cohort, cfg)
@@ -133,7 +133,9 @@ def cohort_inputs(cfg: DictConfig, cohort, fitted: Fitted) -> CohortInputs:
                       f"{list(cfg.modalities)}: no risk for them (empty in predictions.csv)",
                       UserWarning)
     frames = {m: f.loc[[p for p in patients if p in f.index]] for m, f in frames.items()}
-    return CohortInputs(patients, frames, acquisition_meta(cohort), bags, info)
+    meta = acquisition_meta(cohort)
+    check_batches(cfg, frames, meta, str(cohort.root))
+    return CohortInputs(patients, frames, meta, bags, info)
 
 
 def check_embeddings(run_dir, fitted: Fitted, info: dict | None) -> None:

@@ -74,3 +74,16 @@ def test_external_test_config(tmp_path):
     t = test_config(demo)
     assert t.data.root == str(tmp_path / "n24-seed3") and t.data.demo.seed == 3
     assert t.data.derived == str(tmp_path / "n24-seed3" / "derived")
+
+
+def test_combat_batches_must_be_given():
+    from netsurv.evaluation.external import check_batches
+
+    cfg = OmegaConf.create({"harmonize": {"method": "combat", "modalities": ["radiomics"],
+                                          "batch_col": "scanner"}})
+    frames = {"radiomics": pd.DataFrame({"a": [1.0, 2.0]}, index=["p1", "p2"])}
+    check_batches(cfg, frames, pd.DataFrame({"scanner": ["A", "B"]}, index=["p1", "p2"]), "/c")
+    with pytest.raises(CohortError, match=r"/c/ct.csv: no 'scanner' .* for 1 patient\(s\), e.g. \['p2'\]"):
+        check_batches(cfg, frames, pd.DataFrame({"scanner": ["A", None]}, index=["p1", "p2"]), "/c")
+    with pytest.raises(CohortError, match="for 2 patient"):
+        check_batches(cfg, frames, None, "/c")
