@@ -254,8 +254,8 @@ def _not_a_number(value) -> str:
     return hint
 
 
-def _validate_endpoints(df: pd.DataFrame, path: Path) -> None:
-    for ep in ENDPOINTS:
+def _validate_endpoints(df: pd.DataFrame, path: Path, endpoints=ENDPOINTS) -> None:
+    for ep in endpoints:
         tcol, ecol = f"{ep}_time", f"{ep}_event"
         t = pd.to_numeric(df[tcol], errors="coerce")
         bad = t.isna() & df[tcol].notna()
@@ -310,9 +310,11 @@ def _index_by_patient(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def load_clinical(path: Path) -> pd.DataFrame:
+def load_clinical(path: Path, *, outcomes: bool = True) -> pd.DataFrame:
+    """``outcomes=False`` (scoring new patients): only ``patient_id`` is required; the endpoints
+    whose two columns are present are validated as usual."""
     df = read_table(path)
-    _require_columns(df, CLINICAL_REQUIRED, path)
+    _require_columns(df, CLINICAL_REQUIRED if outcomes else CLINICAL_REQUIRED[:1], path)
     _check_ids(df, path)
     dup = df["patient_id"].duplicated(keep=False)
     if dup.any():
@@ -321,7 +323,10 @@ def load_clinical(path: Path) -> pd.DataFrame:
             f"{path}: duplicate patient_id {ids[:10]} (lines {_lines(df, df.index[dup])}); one "
             "row per patient — put per-slide or per-scan data in slides.csv / ct.csv."
         )
-    _validate_endpoints(df, path)
+    present = [ep for ep in ENDPOINTS if {f"{ep}_time", f"{ep}_event"} <= set(df.columns)]
+    _validate_endpoints(df, path, present)
+    if len(present) < 2:
+        return _index_by_patient(df)
     longer = df["pfs_time"] > df["os_time"] + 1e-9
     if longer.any():
         pats = df.loc[longer, "patient_id"].tolist()
@@ -486,12 +491,13 @@ def load_feature_table(path: Path, known: set[str]) -> pd.DataFrame:
     return _index_by_patient(df)
 
 
-def load_cohort(root, *, check_files: bool = True) -> Cohort:
-    """Load ``root``/clinical.csv and whichever optional tables exist, validating all of them."""
+def load_cohort(root, *, check_files: bool = True, outcomes: bool = True) -> Cohort:
+    """Load ``root``/clinical.csv and whichever optional tables exist, validating all of them
+    (``outcomes=False``: the outcome columns of clinical.csv are optional)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise CohortError(f"cohort folder {root} does not exist (set data.root=...)")
-    clinical = load_clinical(root / "clinical.csv")
+    clinical = load_clinical(root / "clinical.csv", outcomes=outcomes)
     known = set(clinical.index)
     cohort = Cohort(root=root, clinical=clinical)
     if (root / "slides.csv").is_file():

@@ -63,7 +63,8 @@ def make_splits(protocol: dict, event) -> list[Split]:
         splits = kfold_splits(event, n_splits=k, n_repeats=int(protocol.get("n_repeats", 1)),
                               seed=int(protocol.get("seed", 0)))
     else:
-        raise SplitError(f"evaluation.name={kind!r} unknown; use 'holdout' or 'kfold'")
+        raise SplitError(f"evaluation.name={kind!r} unknown; use 'holdout', 'kfold' or 'external' "
+                         "(evaluation=external, which needs evaluation.test_root)")
     for s in splits:
         if event[s.train].sum() == 0:
             raise SplitError(

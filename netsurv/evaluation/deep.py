@@ -323,7 +323,10 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
 
     records = attention_records(split.name, patients, te, risk, attention, data.bags, role)
     model = {"state_dict": {k: v.detach().cpu() for k, v in module.net.state_dict().items()},
-             "snapshots": module.best_snapshots}
+             "snapshots": module.best_snapshots,
+             # what netsurv.evaluation.predict needs besides the weights (fitted tabular steps)
+             "inputs": {"steps": steps.steps_, "tab_dims": steps.dims_, "columns": steps.columns_,
+                        "dims": dims, "out_dim": out_dim, "loss": loss, "edges": edges}}
     selected = [f"{m}:{c}" for m, cols in steps.columns_.items() for c in cols]
     return SplitFit(risk=risk, role=role, surv=surv, selected=selected, model=model, info=info,
                     attention=records)
@@ -377,3 +380,13 @@ def save_model(model: dict, path: Path) -> None:
     torch.save(model["state_dict"], path)
     if model.get("snapshots"):
         torch.save(model["snapshots"], path.with_suffix(".snapshots.pt"))
+    if model.get("inputs") is not None:  # fitted feature steps, for scripts/predict.py
+        import copy
+
+        import joblib
+
+        steps = {m: copy.copy(s) for m, s in model["inputs"]["steps"].items()}
+        for s in steps.values():  # the cohort's acquisition table: patient data, not a fit
+            if hasattr(s, "meta"):
+                s.meta = None
+        joblib.dump({**model["inputs"], "steps": steps}, path.with_suffix(".inputs.joblib"))

@@ -89,4 +89,5 @@ def make_harmonizer(cfg: DictConfig, modality: str, meta):
 
     return ComBat(batch_col=h.batch_col, covariates=tuple(h.covariates),
                   categorical_covariates=tuple(h.categorical_covariates),
-                  parametric=h.parametric, eb=h.eb, mean_only=h.mean_only, unseen=h.unseen)
+                  parametric=h.parametric, eb=h.eb, mean_only=h.mean_only, unseen=h.unseen,
+                  unseen_min_cases=int(h.get("unseen_min_cases", 10)))

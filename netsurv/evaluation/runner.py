@@ -98,9 +98,12 @@ def run(cfg: DictConfig) -> dict:
 
 def _print_summary(metrics: dict, out: Path) -> None:
     c = metrics["cindex"]
+    ext = metrics.get("external")
+    how = (f"{ext['n_train']} training, {ext['n_test']} test patients" if ext else
+           f"{len(c['per_split'])} splits, {metrics['n_patients']} patients")
     line = (f"{metrics['experiment']} · {metrics['endpoint']} · harmonize={metrics['harmonize']} · "
-            f"{metrics['protocol']} ({len(c['per_split'])} splits, {metrics['n_patients']} "
-            f"patients): test C-index {c['mean']:.3f} (95% CI {c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})")
+            f"{metrics['protocol']} ({how}): test C-index {c['mean']:.3f} "
+            f"(95% CI {c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})")
     if "oracle_cindex" in metrics:
         line += f" · oracle {metrics['oracle_cindex']['mean']:.3f}"
     print(line, flush=True)
@@ -236,10 +239,16 @@ def _write_attention(path: Path, split: str, records: list) -> None:
 
 def _run(cfg: DictConfig, out: Path, is_zero: bool) -> dict | None:
     env = dist_env()
-    data = prepare(cfg)
     deep = is_deep(cfg)
     protocol = OmegaConf.to_container(cfg.evaluation, resolve=True)
-    splits = make_splits(protocol, data.event)
+    external = None
+    if protocol.get("name") == "external":  # train on data.root, score evaluation.test_root
+        from netsurv.evaluation.external import prepare_external
+
+        data, splits, external = prepare_external(cfg, prepare)
+    else:
+        data = prepare(cfg)
+        splits = make_splits(protocol, data.event)
     chash = config_hash(cfg)
     keys = {s.name: split_key(chash, data.patients, s) for s in splits}
     store = SplitRecords(out)
@@ -276,7 +285,13 @@ def _run(cfg: DictConfig, out: Path, is_zero: bool) -> dict | None:
                     records[got[0]["split"]] = got[0]
     if not is_zero:
         return None
-    return _assemble(cfg, data, splits, protocol, records, out, deep)
+    metrics = _assemble(cfg, data, splits, protocol, records, out, deep)
+    if external is not None:
+        metrics["external"] = external
+        # one test cohort: its interval is the bootstrap over test patients, not over splits
+        metrics["cindex"]["ci95"] = list(metrics["cindex"]["bootstrap_ci95_per_split"]["external"])
+        metrics["cindex"]["ci95_method"] = "bootstrap over test patients"
+    return metrics
 
 
 def _summary(values: dict) -> dict:

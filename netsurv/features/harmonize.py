@@ -33,6 +33,7 @@ _MAX_ITER = 1000
 # a feature whose pooled residual variance is below _REL_VAR_TOL x its total variance is
 # (numerically) constant once batch and covariates are accounted for: it cannot be standardised
 _REL_VAR_TOL = 1e-12
+UNSEEN = ("pass", "error", "estimate")
 
 
 def _sorted_levels(values) -> list:
@@ -63,6 +64,14 @@ class ComBat(TransformerMixin, BaseEstimator):
         ``"pass"`` (default) warns (naming the batch and the number of rows) and applies the
         pooled standardisation with no batch correction (``gamma = 0, delta = 1``), which is
         exactly the identity: those rows are returned unharmonised. ``"error"`` raises.
+        ``"estimate"`` (reference-batch style): the training fit is the fixed reference (grand
+        mean, pooled variance, covariate effects); the new batch's location/scale
+        ``(gamma, delta)`` are estimated from the new rows' own standardised features, with
+        the same empirical-Bayes shrinkage over features as for a training batch, and removed.
+        No outcome is used, and no training estimate changes. A new batch with fewer than 2
+        rows cannot be estimated and is passed through (warned); one with fewer than
+        ``unseen_min_cases`` rows is estimated with a warning (noisy estimates).
+    unseen_min_cases : below this many rows a new batch's estimates are flagged as unreliable.
 
     ``fit(X, meta)`` / ``transform(X, meta)``: ``X`` is a numeric DataFrame (rows = samples,
     columns = features, no NaN: impute first); ``meta`` is a DataFrame indexed like ``X`` (it may
@@ -89,7 +98,7 @@ class ComBat(TransformerMixin, BaseEstimator):
 
     def __init__(self, batch_col: str = "scanner", covariates=(), categorical_covariates=(),
                  parametric: bool = True, eb: bool = True, mean_only: bool = False,
-                 ref_batch=None, unseen: str = "pass"):
+                 ref_batch=None, unseen: str = "pass", unseen_min_cases: int = 10):
         self.batch_col = batch_col
         self.covariates = covariates
         self.categorical_covariates = categorical_covariates
@@ -98,6 +107,7 @@ class ComBat(TransformerMixin, BaseEstimator):
         self.mean_only = mean_only
         self.ref_batch = ref_batch
         self.unseen = unseen
+        self.unseen_min_cases = unseen_min_cases
 
     # ------------------------------------------------------------------ input checks
     def _check_X(self, X) -> pd.DataFrame:
@@ -154,8 +164,8 @@ class ComBat(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ fit
     def fit(self, X: pd.DataFrame, meta=None, y=None):
         """Estimate the ComBat model on training rows ``X`` with batches/covariates in ``meta``."""
-        if self.unseen not in ("pass", "error"):
-            raise ValueError(f"ComBat: unseen must be 'pass' or 'error', got {self.unseen!r}")
+        if self.unseen not in UNSEEN:
+            raise ValueError(f"ComBat: unseen must be one of {UNSEEN}, got {self.unseen!r}")
         Xf = self._check_X(X)
         meta = self._check_meta(Xf, meta)
         n, p = Xf.shape
@@ -314,14 +324,18 @@ class ComBat(TransformerMixin, BaseEstimator):
         batch = meta[self.batch_col].to_numpy(dtype=object)
         idx = {b: i for i, b in enumerate(self.batches_)}
         bcode = np.array([idx.get(b, -1) for b in batch], dtype=int)
+        self.unseen_report_ = {}
         if (bcode < 0).any():
             new = pd.Series(batch[bcode < 0]).value_counts(sort=False)
             desc = ", ".join(f"{b!r} ({k} row{'s' if k > 1 else ''})" for b, k in new.items())
             if self.unseen == "error":
                 raise ValueError(f"ComBat: batch(es) not seen in training: {desc}")
-            warnings.warn(f"ComBat: batch(es) not seen in training: {desc}; these rows are "
-                          "not batch-corrected (gamma = 0, delta = 1: returned unchanged)",
-                          UserWarning, stacklevel=2)
+            if self.unseen == "pass":
+                warnings.warn(f"ComBat: batch(es) not seen in training: {desc}; these rows are "
+                              "not batch-corrected (gamma = 0, delta = 1: returned unchanged)",
+                              UserWarning, stacklevel=2)
+                self.unseen_report_ = {str(b): {"n": int(k), "action": "passed unharmonised"}
+                                       for b, k in new.items()}
         cov = self._covariate_design(meta, warn_unseen=True)
         gm = self.grand_mean_.to_numpy()
         sd = np.sqrt(self.var_pooled_.to_numpy())
@@ -338,11 +352,57 @@ class ComBat(TransformerMixin, BaseEstimator):
         out = Xv.copy()
         with np.errstate(divide="ignore", invalid="ignore"):
             s = (Xv - gm - mod_mean) / sd
+        if self.unseen == "estimate" and (~seen).any():
+            for b in _sorted_levels(batch[~seen]):
+                rows_b = batch == b
+                n_b = int(rows_b.sum())
+                if n_b < 2:
+                    warnings.warn(f"ComBat: batch {b!r} not seen in training has {n_b} row; its "
+                                  "location/scale cannot be estimated, so it is returned "
+                                  "unharmonised", UserWarning, stacklevel=2)
+                    self.unseen_report_[str(b)] = {"n": n_b, "action": "passed unharmonised "
+                                                   "(fewer than 2 rows)"}
+                    continue
+                g, d = self._new_batch_estimates(s[np.ix_(rows_b, act)], b)
+                gamma[np.ix_(rows_b, act)] = g
+                delta[np.ix_(rows_b, act)] = d
+                keep[rows_b] = False
+                msg = (f"ComBat: batch {b!r} not seen in training: location/scale estimated from "
+                       f"its own {n_b} rows against the training reference")
+                if n_b < int(self.unseen_min_cases):
+                    msg += (f"; fewer than unseen_min_cases={self.unseen_min_cases} rows, so "
+                            "these estimates are noisy")
+                warnings.warn(msg, UserWarning, stacklevel=2)
+                self.unseen_report_[str(b)] = {
+                    "n": n_b, "action": "estimated from its own rows",
+                    "few_cases": bool(n_b < int(self.unseen_min_cases))}
+        with np.errstate(divide="ignore", invalid="ignore"):
             adj = (s - gamma) / np.sqrt(delta) * sd + gm + mod_mean
         rows = ~keep
         out[np.ix_(rows, act)] = adj[np.ix_(rows, act)]
         res = pd.DataFrame(out, index=Xf.index, columns=cols)
         return res[list(Xf.columns)]
+
+    def _new_batch_estimates(self, sb: np.ndarray, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(gamma*, delta*) of an unseen batch from its standardised rows ``sb`` (n_b x
+        harmonisable features): the per-batch step of :meth:`fit` with the training model held
+        fixed, EB priors taken across this batch's features as sva does for every batch."""
+        n, p = sb.shape
+        g_hat = sb.mean(axis=0)
+        d_hat = np.ones(p) if self.mean_only else sb.var(axis=0, ddof=1)
+        d_hat[d_hat == 0] = 1.0
+        if not self.eb or p < 2:
+            return g_hat, d_hat
+        if not self.parametric:
+            return _int_eprior(sb, g_hat, d_hat)
+        g_bar, t2 = g_hat.mean(), g_hat.var(ddof=1)
+        if self.mean_only:
+            return (t2 * n * g_hat + g_bar) / (t2 * n + 1), d_hat
+        m, s2 = d_hat.mean(), d_hat.var(ddof=1)
+        if not s2 > 0:  # identical spreads: no prior on delta, keep the estimates
+            return (t2 * n * g_hat + d_hat * g_bar) / (t2 * n + d_hat), d_hat
+        a, b = (2 * s2 + m ** 2) / s2, (m * s2 + m ** 3) / s2
+        return _it_sol(sb, g_hat, d_hat, g_bar, t2, a, b, batch=batch)
 
     def fit_transform(self, X: pd.DataFrame, meta=None, y=None) -> pd.DataFrame:
         return self.fit(X, meta).transform(X, meta)

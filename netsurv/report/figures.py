@@ -80,6 +80,12 @@ def load_run(run_dir, cohort_root=None) -> RunData:
     if rd.pred is not None:
         t, e = rd.cohort.endpoint(rd.target)
         ep = pd.DataFrame({"patient_id": rd.cohort.patients, "time": t, "event": e})
+        ext = (rd.metrics or {}).get("external") if cohort_root is None else None
+        if ext and ext.get("test_root"):  # evaluation=external: test patients are another cohort's
+            try:
+                ep = pd.concat([ep, _external_test(rd, ext)], ignore_index=True)
+            except Exception as exc:  # noqa: BLE001
+                rd.problems.append(f"test cohort {ext['test_root']} not loaded ({exc})")
         rd.pred = rd.pred.merge(ep, on="patient_id", how="left")
         lost = rd.pred.time.isna()
         if lost.any():
@@ -87,6 +93,21 @@ def load_run(run_dir, cohort_root=None) -> RunData:
                                "are not in the cohort's clinical.csv; left out of the figures")
             rd.pred = rd.pred[~lost].reset_index(drop=True)
     return rd
+
+
+def _external_test(rd: RunData, ext: dict) -> pd.DataFrame:
+    """Endpoint of an external run's test cohort under the ids the run wrote (ids shared with
+    the training cohort carry ``external.test_id_prefix``); its true risk joins the cohort's."""
+    from netsurv.cohort.schema import load_cohort
+
+    tc = load_cohort(ext["test_root"], check_files=False)
+    train, prefix = set(rd.cohort.patients), ext.get("test_id_prefix", "test:")
+    ids = [f"{prefix}{p}" if p in train else p for p in tc.patients]
+    t, e = tc.endpoint(rd.target)
+    if tc.truth is not None and rd.cohort.truth is not None:
+        truth = tc.truth.rename(index=dict(zip(tc.patients, ids)))
+        rd.cohort.truth = pd.concat([rd.cohort.truth, truth])
+    return pd.DataFrame({"patient_id": ids, "time": t, "event": e})
 
 
 def _split_arrays(pred: pd.DataFrame, split: str):

@@ -317,7 +317,7 @@ def attention_figures(run_dir, *, patients=None, split: str | None = None, n_top
     of a run with an ``attention.h5``; PNGs go to ``<run_dir>/figures/attention/``.
 
     ``slides_table``: a slides.csv-like frame (slide_id, path, optional mpp); default: the
-    cohort at ``data.root`` of the run's config.yaml.
+    cohort at ``data.root`` of the run's config.yaml (an external run's test cohort).
     """
     import matplotlib.pyplot as plt
 
@@ -332,6 +332,11 @@ def attention_figures(run_dir, *, patients=None, split: str | None = None, n_top
         from netsurv.cohort.schema import load_cohort
 
         root = OmegaConf.load(run_dir / "config.yaml").data.root
+        mpath = run_dir / "metrics.json"
+        if mpath.is_file():  # evaluation=external: attention.h5 holds the test cohort's patients
+            import json
+
+            root = (json.loads(mpath.read_text()).get("external") or {}).get("test_root", root)
         slides_table = load_cohort(root, check_files=False).slides
         if slides_table is None:
             raise FileNotFoundError(f"cohort {root} has no slides.csv")

@@ -43,4 +43,4 @@ class CoxPH(BaseEstimator):
 
     def predict_risk(self, X: pd.DataFrame) -> np.ndarray:
         X = pd.DataFrame(X).astype(float)
-        return X[self.columns_].to_numpy() @ self.coef_
+        return (X[self.columns_].to_numpy() * self.coef_).sum(axis=1)  # row-wise: see CoxNet

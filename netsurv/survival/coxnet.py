@@ -123,7 +123,10 @@ class CoxNet(BaseEstimator):
         return self
 
     def predict_risk(self, X: pd.DataFrame) -> np.ndarray:
-        return pd.DataFrame(X)[self.columns_].astype(float).to_numpy() @ self.coef_
+        # a row-wise sum, not BLAS `@`: gemv's blocking makes a patient's last bits depend on the
+        # other rows scored with it, and scoring a cohort again (scripts/predict.py) must
+        # reproduce the run's risks exactly (exact ties among risks then stay ties)
+        return (pd.DataFrame(X)[self.columns_].astype(float).to_numpy() * self.coef_).sum(axis=1)
 
     def predict_survival(self, X: pd.DataFrame, times) -> np.ndarray:
         A = pd.DataFrame(X)[self.columns_].astype(float).to_numpy()
