@@ -183,3 +183,37 @@ def test_pooled_logrank_counts_each_patient_once():
     row = res.table().set_index("split").loc["pooled"]
     assert row["low risk (n/events)"] == f"{len(lo)}/{int(lo.event.sum())}"
     assert "each of the" in res.pooled_how()
+
+
+# ------------------------------------------------------------------------------ results table
+def _metrics_run(d, cohort, experiment, c, base=None, ibs=(0.2, 0.21)):
+    import json
+
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(f"data:\n  root: /cache/demo/{cohort}\n")
+    s = lambda v: {"mean": v, "std": 0.01, "ci95": [v - 0.05, v + 0.05], "per_split": {}}  # noqa: E731
+    m = {"experiment": experiment, "endpoint": "os", "harmonize": "none", "protocol": "holdout",
+         "n_patients": 83, "n_events": 40, "cindex": s(c), "oracle_cindex": s(0.8),
+         "ibs": s(ibs[0]), "ibs_null": s(ibs[1])}
+    if base is not None:
+        m["baseline"] = {"name": "CoxNet (clinical)", "cindex": s(base),
+                         "cindex_diff": {**s(c - base), "ci95": [c - base - 0.04, c - base + 0.045]}}
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+def test_results_table_of_two_cohorts_has_the_comparison_columns(tmp_path):
+    from netsurv.report.results import results_table
+
+    a, b = tmp_path / "mr" / "demo83", tmp_path / "mr" / "demo250"
+    _metrics_run(a / "0", "n83-seed0-small", "clinical_pathomics", 0.70, base=0.68)
+    _metrics_run(a / "1", "n83-seed0-small", "seed/clinical", 0.68)
+    _metrics_run(b / "0", "n250-seed7-small", "clinical_pathomics", 0.72, base=0.75)
+    results_table([a, b])
+    md = (tmp_path / "mr" / "results.md").read_text()
+    assert ("| n83-seed0-small | clinical_pathomics | os | 83 | 0.700 (0.650–0.750) | 0.680 | "
+            "+0.020 (-0.020 to +0.065) | 0.200 | 0.210 | 0.800 |") in md
+    assert "| n250-seed7-small | clinical_pathomics | os | 83 | 0.720 (0.670–0.770) | 0.750 | " \
+           "-0.030 (-0.070 to +0.015) |" in md
+    assert "| n83-seed0-small | seed/clinical | os | 83 | 0.680 (0.630–0.730) | – | – |" in md
+    # the endpoint-wide table keeps one row per cohort and model
+    assert "| n250-seed7-small · clinical_pathomics | 0.720" in md
