@@ -7,10 +7,11 @@ SLURM step):
      on every rank;
   2. splits (by patient, identical on every rank);
   3. per split: deep models train on all ranks together (Lightning DDP) and gather their
-     predictions on rank 0; classical splits are dealt out to the ranks and gathered on rank 0.
+     predictions on rank 0; classical splits are dealt out to the ranks and gathered on rank 0;
+     deep splits get their classical baseline on rank 0 (:mod:`.compare`).
 
 Only global rank 0 writes run outputs: ``metrics.json``, ``predictions.csv``,
-``selected_features.csv``, ``inner_search.csv`` / ``hazard_ratios.csv`` (classical),
+``selected_features.csv``, ``brier_curves.csv``, ``inner_search.csv`` / ``hazard_ratios.csv`` (classical),
 ``models/<split>.{joblib,pt}``, ``attention.h5`` (MIL models), ``splits/<split>.json`` (one
 record per finished split), ``config.yaml``, ``warnings.log`` and ``report.html``.  Every rank
 returns the same metrics.
