@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all results venv clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,14 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) scripts/train.py experiment=clinical_pathomics
+
+# Every experiment on the demo cohort at two sizes (83 patients, seed 0; 250 patients, seed 7),
+# then one table of both (multirun/results/results.md). A failed job does not stop the rest.
+EXPERIMENTS ?= clinical,pathomics,clinical_pathomics,radiomics,clinical_radiomics,multimodal,seed/clinical,seed/pathomics,seed/clinical_pathomics,seed/radiomics,seed/clinical_radiomics
+results: $(STAMP)
+	-$(PY) scripts/train.py -m experiment=$(EXPERIMENTS) report=false hydra.sweep.dir=multirun/results/demo83
+	-$(PY) scripts/train.py -m experiment=$(EXPERIMENTS) report=false data.demo.n_patients=250 data.demo.seed=7 hydra.sweep.dir=multirun/results/demo250
+	$(PY) scripts/results_table.py multirun/results/demo83 multirun/results/demo250
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -54,6 +54,9 @@ class SplitFit:
     info: dict = field(default_factory=dict)                      # deep: training summary
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # inner_search, hazard_ratios
     attention: list = field(default_factory=list)                 # test patients' attention
+    # the classical counterpart fitted on the same training patients (deep runs):
+    # {"name": str, "risk": np.ndarray}, one risk per patient of RunData.patients like ``risk``
+    baseline: dict | None = None
 
 
 def _drop(tree: dict, path: tuple) -> None:

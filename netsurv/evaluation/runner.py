@@ -7,10 +7,11 @@ SLURM step):
      on every rank;
   2. splits (by patient, identical on every rank);
   3. per split: deep models train on all ranks together (Lightning DDP) and gather their
-     predictions on rank 0; classical splits are dealt out to the ranks and gathered on rank 0.
+     predictions on rank 0; classical splits are dealt out to the ranks and gathered on rank 0;
+     deep splits get their classical baseline on rank 0 (:mod:`.compare`).
 
 Only global rank 0 writes run outputs: ``metrics.json``, ``predictions.csv``,
-``selected_features.csv``, ``inner_search.csv`` / ``hazard_ratios.csv`` (classical),
+``selected_features.csv``, ``brier_curves.csv``, ``inner_search.csv`` / ``hazard_ratios.csv`` (classical),
 ``models/<split>.{joblib,pt}``, ``attention.h5`` (MIL models), ``splits/<split>.json`` (one
 record per finished split), ``config.yaml``, ``warnings.log`` and ``report.html``.  Every rank
 returns the same metrics.
@@ -33,15 +34,16 @@ from omegaconf import DictConfig, OmegaConf
 from netsurv.cohort.schema import CohortError
 from netsurv.cohort.splits import make_splits
 from netsurv.distributed import all_gather_object, broadcast_object, dist_env
+from netsurv.evaluation import compare
 from netsurv.evaluation.inputs import acquisition_meta, modality_frames, require_inputs
 from netsurv.evaluation.records import RunData, SplitFit, SplitRecords, config_hash, split_key
 from netsurv.survival.losses import canonical_loss
-from netsurv.survival.metrics import (MetricError, bootstrap_ci, harrell_cindex, integrated_brier,
-                                      mean_ci, td_auc, uno_cindex)
+from netsurv.survival.metrics import (MetricError, bootstrap_ci, harrell_cindex, mean_ci, td_auc,
+                                      uno_cindex)
 
 log = logging.getLogger(__name__)
 
-PER_SPLIT = ("cindex", "cindex_uno", "td_auc", "ibs", "oracle_cindex", "val_cindex")
+PER_SPLIT = ("cindex", "cindex_uno", "td_auc", "ibs", "ibs_null", "oracle_cindex", "val_cindex")
 
 
 def is_deep(cfg: DictConfig) -> bool:
@@ -106,7 +108,8 @@ def _print_summary(metrics: dict, out: Path) -> None:
             f"(95% CI {c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})")
     if "oracle_cindex" in metrics:
         line += f" · oracle {metrics['oracle_cindex']['mean']:.3f}"
-    print(line, flush=True)
+    extra = compare.summary_text(metrics)
+    print(line + (f" · {extra}" if extra else ""), flush=True)
     print(f"outputs: {out}", flush=True)
 
 
@@ -188,20 +191,29 @@ def split_record(data: RunData, split, fit: SplitFit, key: str) -> dict:
     try:
         m["cindex_uno"] = uno_cindex(time[tr], event[tr], tt, et, rt)
         _, _, m["td_auc"] = td_auc(time[tr], event[tr], tt, et, rt)
-        if fit.surv is not None:
-            m["ibs"] = integrated_brier(time[tr], event[tr], tt, et, fit.surv)
     except (MetricError, AttributeError, ValueError) as exc:
         warnings.warn(f"split {split.name}: time-dependent metrics skipped ({exc})", UserWarning)
     if data.truth is not None:
         m["oracle_cindex"] = harrell_cindex(tt, et, data.truth[te])
     if fit.info.get("best_val_cindex") is not None:
         m["val_cindex"] = fit.info["best_val_cindex"]
-    return {"split": split.name, "key": key,
-            "metrics": {k: float(v) for k, v in m.items()}, "bootstrap_ci95": boot,
-            "predictions": {"patient_id": list(data.patients), "role": [str(r) for r in fit.role],
-                            "risk": [float(r) for r in fit.risk]},
-            "selected": list(fit.selected), "training": fit.info,
-            "tables": {k: v.to_dict(orient="list") for k, v in fit.tables.items()}}
+    brier, curves = compare.brier_metrics(data, split, fit)  # ibs, ibs_null: one grid
+    m.update(brier)
+    tables = dict(fit.tables)
+    if curves is not None:
+        tables["brier_curves"] = curves
+    rec = {"split": split.name, "key": key,
+           "metrics": {k: float(v) for k, v in m.items()}, "bootstrap_ci95": boot,
+           "predictions": {"patient_id": list(data.patients), "role": [str(r) for r in fit.role],
+                           "risk": [float(r) for r in fit.risk]},
+           "selected": list(fit.selected), "training": fit.info,
+           "tables": {k: v.to_dict(orient="list") for k, v in tables.items()}}
+    if fit.baseline is not None:
+        rec["baseline"] = compare.baseline_record(data, split, fit)
+        if fit.baseline.get("risk") is not None:
+            rec["predictions"]["baseline_risk"] = [
+                None if not np.isfinite(r) else float(r) for r in fit.baseline["risk"]]
+    return rec
 
 
 def _commit(out: Path, store: SplitRecords, record: dict, fit: SplitFit, deep: bool) -> None:
@@ -263,6 +275,7 @@ def _run(cfg: DictConfig, out: Path, is_zero: bool) -> dict | None:
         for split in pending:
             fit = fitter.fit_split(data, split, out, keys[split.name])
             if is_zero:
+                compare.ensure_baseline(data, split, fit)  # classical: no process group needed
                 rec = split_record(data, split, fit, keys[split.name])
                 _commit(out, store, rec, fit, deep=True)
                 records[split.name] = rec
@@ -310,7 +323,9 @@ def _assemble(cfg, data: RunData, splits, protocol, records: dict, out: Path, de
         boot[s.name] = rec["bootstrap_ci95"]
         p = rec["predictions"]
         rows.append(pd.DataFrame({"patient_id": p["patient_id"], "split": s.name,
-                                  "role": p["role"], "risk": p["risk"]}))
+                                  "role": p["role"], "risk": p["risk"],
+                                  **({"baseline_risk": p["baseline_risk"]}
+                                     if "baseline_risk" in p else {})}))
         selected += [{"split": s.name, "feature": f} for f in rec["selected"]]
         for name, t in rec["tables"].items():
             tables.setdefault(name, []).append(pd.DataFrame(t).assign(split=s.name))
@@ -345,5 +360,9 @@ def _assemble(cfg, data: RunData, splits, protocol, records: dict, out: Path, de
     for key in PER_SPLIT[1:]:
         if len(per[key]) == len(splits):
             metrics[key] = _summary(per[key])
+    if deep:
+        base = compare.assemble_baseline(splits, records)
+        if base is not None:
+            metrics["baseline"] = base
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     return metrics

@@ -230,8 +230,35 @@ def fig_td_auc(rd: RunData):
 
 
 # --------------------------------------------------------------------------- Brier
+def stored_brier_curves(rd: RunData):
+    """The run's own Brier curves (``brier_curves.csv``, written by the runner on the grid of
+    its IBS), as :func:`brier_curves` returns them, with the IBS of ``metrics.json``; None for
+    runs that did not write them."""
+    f = rd.run_dir / "brier_curves.csv"
+    if not f.is_file():
+        return None
+    df = pd.read_csv(f, dtype={"split": str})
+    m = rd.metrics or {}
+    per = (m.get("ibs") or {}).get("per_split", {})
+    per_null = (m.get("ibs_null") or {}).get("per_split", {})
+    out = {}
+    for s, d in df.groupby("split", sort=False):
+        d = d.sort_values("time")
+        t = d.time.to_numpy(float)
+        b = d["model"].to_numpy(float) if "model" in d else np.full(len(t), np.nan)
+        bn = d["null"].to_numpy(float)
+        integ = (lambda v: float(np.trapezoid(v, t) / (t[-1] - t[0]))) if len(t) > 1 else None
+        out[s] = (t, b, bn, per.get(s, integ(b) if integ else np.nan),
+                  per_null.get(s, integ(bn) if integ else np.nan))
+    return out or None
+
+
 def brier_curves(rd: RunData, grid=None):
-    """Per split: (times, Brier(t) of S0(t)^exp(risk), Brier(t) of the training KM, IBS, null IBS)."""
+    """Per split: (times, Brier(t) of S0(t)^exp(risk), Brier(t) of the training KM, IBS, null IBS).
+
+    This recomputes curves from the predictions (a Breslow baseline on the training risks);
+    :func:`fig_brier` draws the run's own curves (:func:`stored_brier_curves`) when it wrote them.
+    """
     from lifelines import KaplanMeierFitter
     from sksurv.metrics import brier_score, integrated_brier_score
 
@@ -261,25 +288,55 @@ def brier_curves(rd: RunData, grid=None):
     return out
 
 
+def _mean_interp(curves: dict, min_frac: float = 0.5):
+    """Mean over splits of curves on their own grids: each interpolated on the union of the
+    grids inside its own time range; kept where at least ``min_frac`` of the splits have one."""
+    grid = np.unique(np.concatenate([t for t, _ in curves.values()]))
+    M = np.full((len(curves), len(grid)), np.nan)
+    for i, (t, v) in enumerate(curves.values()):
+        inside = (grid >= t[0]) & (grid <= t[-1])
+        M[i, inside] = np.interp(grid[inside], t, v)
+    ok = np.isfinite(M).sum(axis=0) >= max(1, int(np.ceil(min_frac * len(curves))))
+    with np.errstate(invalid="ignore"):
+        return grid[ok], np.nanmean(M[:, ok], axis=0) if ok.any() else np.array([])
+
+
 def fig_brier(rd: RunData):
+    """Brier curves per split and their mean; the legend's IBS are those of ``metrics.json``
+    (same curves, same grid) when the run wrote its curves, so report and metrics agree."""
     import matplotlib.pyplot as plt
 
-    grid = eval_grid(rd)
-    cur = brier_curves(rd, grid)
+    cur = stored_brier_curves(rd)
+    own = cur is not None
+    if not own:
+        cur = brier_curves(rd, eval_grid(rd))
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    has_model = any(np.isfinite(v[1]).any() for v in cur.values())
     for s, (t, b, _, _, _) in cur.items():
-        ax.plot(t, b, "-", lw=1, alpha=SPLIT_ALPHA, label=s)
-    mt, mb = _mean_curve(grid, {s: (v[0], v[1]) for s, v in cur.items()})
-    nt, nb = _mean_curve(grid, {s: (v[0], v[2]) for s, v in cur.items()})
-    ibs = np.array([v[3] for v in cur.values()])
-    ibn = np.array([v[4] for v in cur.values()])
-    ax.plot(mt, mb, "k-", lw=2.2, label=f"model, mean (IBS {ibs.mean():.3f} ± {ibs.std(ddof=1) if len(ibs) > 1 else 0:.3f})")
-    ax.plot(nt, nb, "k--", lw=1.5, label=f"training KM for all, mean (IBS {ibn.mean():.3f})")
+        if np.isfinite(b).any():
+            ax.plot(t, b, "-", lw=1, alpha=SPLIT_ALPHA, label=s)
+    m = rd.metrics or {}
+
+    def ibs_text(key, idx):
+        if own and isinstance(m.get(key), dict):
+            v = m[key]
+            return f"{v['mean']:.3f} ± {v.get('std', 0):.3f}"
+        vals = np.array([v[idx] for v in cur.values()], float)
+        return f"{np.nanmean(vals):.3f} ± {np.nanstd(vals, ddof=1) if len(vals) > 1 else 0:.3f}"
+
+    if has_model:
+        mt, mb = _mean_interp({s: (v[0], v[1]) for s, v in cur.items()
+                               if np.isfinite(v[1]).all()})
+        ax.plot(mt, mb, "k-", lw=2.2, label=f"model, mean (IBS {ibs_text('ibs', 3)})")
+    nt, nb = _mean_interp({s: (v[0], v[2]) for s, v in cur.items()})
+    ax.plot(nt, nb, "k--", lw=1.5, label=f"null: training KM for all, mean (IBS "
+                                          f"{ibs_text('ibs_null', 4)})")
     ax.set_xlabel(_xlabel())
     ax.set_ylabel("Brier score (IPCW)")
     ax.set_ylim(bottom=0)
-    ax.set_title("Brier score over follow-up (test sets; curves S0(t)^exp(risk), Breslow on "
-                 "training)", fontsize=9)
+    how = ("the model's survival curves, on the grid of metrics.json's IBS" if own else
+           "curves S0(t)^exp(risk), Breslow on training")
+    ax.set_title(f"Brier score over follow-up (test sets; {how})", fontsize=9)
     ax.legend(fontsize=7, ncol=2, frameon=False, loc="upper left")
     fig.tight_layout()
     return fig

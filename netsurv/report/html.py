@@ -34,7 +34,20 @@ nav a{margin-right:12px;font-size:.85em}table.kv td{text-align:left}
 """
 
 METRIC_NAMES = {"cindex": "Harrell C-index", "cindex_uno": "Uno C-index", "td_auc": "mean td-AUC",
-                "ibs": "integrated Brier score", "oracle_cindex": "oracle C-index (true risk)"}
+                "ibs": "integrated Brier score",
+                "ibs_null": "integrated Brier score, null model (training KM for all)",
+                "oracle_cindex": "oracle C-index (true risk)"}
+
+
+def _with_baseline(m: dict) -> dict:
+    """metrics with the baseline's C and the paired difference as rows of the tables
+    (``baseline_cindex``, ``cindex_diff``), and their names."""
+    b = m.get("baseline") or {}
+    if "cindex" not in b:
+        return {}
+    return {"baseline_cindex": (f"baseline C-index: {b.get('name')}", b["cindex"]),
+            "cindex_diff": ("C-index difference model − baseline (95 % CI: paired bootstrap)",
+                            b["cindex_diff"])}
 
 
 def _e(x) -> str:
@@ -102,8 +115,10 @@ def _metrics_section(m: dict | None) -> str:
             v = ", ".join(m[k]) if isinstance(m[k], list) else m[k]
             head.append(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>")
     rows, splits = [], []
-    for k, name in METRIC_NAMES.items():
-        s = m.get(k)
+    extra = _with_baseline(m)
+    named = [(k, name, m.get(k)) for k, name in METRIC_NAMES.items()]
+    named += [(k, name, v) for k, (name, v) in extra.items()]
+    for k, name, s in named:
         if not isinstance(s, dict) or "mean" not in s:
             continue
         ci = s.get("ci95", [np.nan, np.nan])
@@ -118,8 +133,7 @@ def _metrics_section(m: dict | None) -> str:
     if splits:
         ph = "".join(f"<th>{_e(s)}</th>" for s in splits)
         pr = []
-        for k, name in METRIC_NAMES.items():
-            s = m.get(k)
+        for k, name, s in named:
             if not isinstance(s, dict) or "per_split" not in s:
                 continue
             cells = "".join(f"<td>{s['per_split'][sp]:.3f}</td>" if sp in s["per_split"]
@@ -133,6 +147,29 @@ def _metrics_section(m: dict | None) -> str:
         out += f"<h3>Per split</h3><div class='scroll'><table><tr><th></th>{ph}</tr>{''.join(pr)}</table></div>"
     out += ("<p class='note'>The interval over splits treats overlapping splits of one cohort as "
             "independent and is therefore optimistic.</p>")
+    b = m.get("baseline")
+    if b and "cindex" in b:
+        d = b["cindex_diff"]
+        verdict = ("above" if d["ci95"][0] > 0 else "below" if d["ci95"][1] < 0 else
+                   "not distinguishable from")
+        out += (f"<p class='note'><b>Does the model earn its place?</b> Its C-index is {verdict} "
+                f"that of its classical counterpart {_e(b.get('name'))} (fitted on the same "
+                f"training patients of every split): difference {d['mean']:+.3f}, 95 % CI "
+                f"{d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f} ({_e(d.get('method', ''))}).")
+        if b.get("note"):
+            out += f" Note: {_e(b['note'])}."
+        out += "</p>"
+    elif b:
+        out += f"<p class='note'>Baseline not compared: {_e(b.get('skipped'))}.</p>"
+    if isinstance(m.get("ibs_null"), dict):
+        ibs = (m.get("ibs") or {}).get("mean")
+        nul = m["ibs_null"]["mean"]
+        if ibs is not None:
+            out += (f"<p class='note'>Survival curves: IBS {ibs:.3f} against {nul:.3f} for the "
+                    "null model (every test patient given the training Kaplan–Meier curve, same "
+                    "times); " + ("below the null: the curves add information." if ibs < nul
+                                  else "<b>not below the null</b>: the predicted curves are no "
+                                  "better than the training KM for everyone.") + "</p>")
     return out
 
 
@@ -192,9 +229,8 @@ def _km_section(rd, figs: _Figures, n_groups: int) -> str:
         return _err("Kaplan–Meier risk groups", exc)
     how = "median" if n_groups == 2 else "tertiles"
     out = (f"<p class='note'>Test patients of each split are grouped by the {how} of the same "
-           "split's <b>training</b> risks; pooled curves group every test patient by its own "
-           "split's threshold (a patient tested in several splits appears once per split, so the "
-           "pooled p-value is optimistic).</p>")
+           "split's <b>training</b> risks. The pooled curves and their log-rank test count "
+           f"{_e(res.pooled_how())}; per split, every test patient of the split counts.</p>")
     out += figs("km_pooled", lambda: fs["km_pooled"], "KM curves of risk groups, pooled test sets")
     out += _table(res.table())
     if "km_splits" in fs:
@@ -259,10 +295,12 @@ def write_report(run_dir, *, cohort_root=None, n_groups: int = 2, horizon: float
         body += figs("brier", lambda: F.fig_brier(rd), "Brier score over follow-up")
         body += figs("calibration", lambda: F.fig_calibration(rd, horizon, calibration_bins),
                      "calibration at the horizon")
-        body += ("<p class='note'>Survival curves for Brier and calibration are "
-                 "S0(t)<sup>exp(risk)</sup> with a Breslow baseline fitted on each split's training "
-                 "risks, so they exist for every risk model; times are restricted to the training "
-                 "follow-up.</p>")
+        body += ("<p class='note'>The Brier figure draws the run's own survival curves on the "
+                 "grid of its integrated Brier score (<code>brier_curves.csv</code>), so its IBS "
+                 "are those of the metrics table; for runs without that file, and for the "
+                 "calibration plot, survival curves are S0(t)<sup>exp(risk)</sup> with a Breslow "
+                 "baseline fitted on each split's training risks, so they exist for every risk "
+                 "model. Times are restricted to the training follow-up.</p>")
         sections.append(("time", "Discrimination and calibration over time", body))
     elif rd.pred is not None:
         sections.append(("km", "Risk groups and time-dependent figures",

@@ -4,8 +4,10 @@ Test patients are grouped by cut-offs taken from the **training** risks of the s
 or tertiles): a threshold fitted on the test set itself would be a post-hoc choice that always
 separates the groups it was chosen on. Pooled over splits, each test patient is grouped by the
 threshold of its own split. Under the holdout protocol a patient can be a test patient in several
-splits and then appears once per split in the pooled curves (the pooled log-rank p is optimistic
-then; the per-split p-values are the honest ones).
+splits; the pooled curves and log-rank test count every patient once (:func:`pooled_groups`): the
+patient's group is the one it was given most often over the splits where it was tested, a tie
+broken by its mean training-risk percentile (its risk's rank among that split's training risks).
+Under k-fold every patient is tested once and this is its out-of-fold group.
 
 Inputs are prediction frames with columns ``patient_id, split, role, risk, time, event``
 (``predictions.csv`` joined with the endpoint, see :func:`netsurv.report.figures.load_run`).
@@ -41,8 +43,9 @@ def assign_groups(risk, thresholds) -> np.ndarray:
 def km_groups(pred: pd.DataFrame, n_groups: int = 2) -> pd.DataFrame:
     """Test rows of every split with their risk group from that split's training threshold.
 
-    Returns ``patient_id, split, risk, time, event, group`` (0 = lowest), ``label`` and
-    ``thresholds`` (tuple of the split's training cut-offs).
+    Returns ``patient_id, split, risk, time, event, group`` (0 = lowest), ``label``,
+    ``thresholds`` (tuple of the split's training cut-offs) and ``train_pct`` (share of the
+    split's training risks at or below the patient's risk).
     """
     need = {"patient_id", "split", "role", "risk", "time", "event"}
     missing = need - set(pred.columns)
@@ -58,11 +61,37 @@ def km_groups(pred: pd.DataFrame, n_groups: int = 2) -> pd.DataFrame:
         te["group"] = assign_groups(te.risk, thr)
         te["label"] = [GROUP_LABELS[n_groups][g] for g in te.group]
         te["thresholds"] = [tuple(float(v) for v in thr)] * len(te)
+        # share of the split's training risks at or below the patient's (tie-break of
+        # pooled_groups, comparable across splits whose risks have other scales)
+        te["train_pct"] = np.searchsorted(np.sort(tr.risk.to_numpy(float)),
+                                          te.risk.to_numpy(float), side="right") / len(tr)
         out.append(te[["patient_id", "split", "risk", "time", "event", "group", "label",
-                       "thresholds"]])
+                       "thresholds", "train_pct"]])
     if not out:
         raise ValueError("no split has both training and test rows")
     return pd.concat(out, ignore_index=True)
+
+
+def pooled_groups(groups: pd.DataFrame, n_groups: int = 2) -> pd.DataFrame:
+    """One row per patient from :func:`km_groups` rows (one per split where it was tested).
+
+    ``group``: the most frequent group over those splits; on a tie, the group of the patient's
+    mean training-risk percentile (cut at 1/2, or 1/3 and 2/3). ``n_tested``: in how many splits
+    the patient was tested. Counting a patient once per split would make the pooled log-rank
+    test treat repeated patients as independent ones (its p-value too small).
+    """
+    g = groups
+    rows = []
+    for pid, df in g.groupby("patient_id", sort=False):
+        counts = np.bincount(df.group.to_numpy(int), minlength=n_groups)
+        best = np.flatnonzero(counts == counts.max())
+        pct = float(df.train_pct.mean())
+        grp = int(best[0]) if len(best) == 1 else \
+            int(assign_groups([pct], np.arange(1, n_groups) / n_groups)[0])
+        rows.append({"patient_id": pid, "time": df.time.iloc[0], "event": df.event.iloc[0],
+                     "group": grp, "label": GROUP_LABELS[n_groups][grp],
+                     "n_tested": len(df), "tie": len(best) > 1, "train_pct": pct})
+    return pd.DataFrame(rows)
 
 
 def logrank_p(time, event, group) -> float:
@@ -87,12 +116,25 @@ class KMResult:
     groups: pd.DataFrame                      # km_groups() output
     n_groups: int
     p_split: dict[str, float] = field(default_factory=dict)
-    p_pooled: float = float("nan")
+    p_pooled: float = float("nan")            # log-rank over ``pooled``: each patient once
+    pooled: pd.DataFrame | None = None        # pooled_groups() output
+
+    def pooled_how(self) -> str:
+        """How the pooled curves count patients (for the figure and its caption)."""
+        if self.pooled is None:
+            return ""
+        n_rep = int((self.pooled.n_tested > 1).sum())
+        if n_rep == 0:
+            return f"each of the {len(self.pooled)} patients once (tested in one split each)"
+        return (f"each of the {len(self.pooled)} patients once: {n_rep} tested in several splits "
+                f"take their majority group ({int(self.pooled.tie.sum())} tie(s) broken by the mean "
+                "training-risk percentile)")
 
     def table(self) -> pd.DataFrame:
         """Per split (and pooled): patients and events per group, log-rank p."""
         rows = []
-        for name, df in list(self.groups.groupby("split", sort=False)) + [("pooled", self.groups)]:
+        pooled = self.pooled if self.pooled is not None else self.groups
+        for name, df in list(self.groups.groupby("split", sort=False)) + [("pooled", pooled)]:
             row = {"split": name}
             for g, lab in enumerate(GROUP_LABELS[self.n_groups]):
                 sub = df[df.group == g]
@@ -103,12 +145,13 @@ class KMResult:
 
 
 def km_analysis(pred: pd.DataFrame, n_groups: int = 2) -> KMResult:
-    """Risk groups and log-rank p-values per split and pooled over splits."""
+    """Risk groups and log-rank p-values per split and pooled over splits (each patient once,
+    see :func:`pooled_groups`)."""
     g = km_groups(pred, n_groups)
-    res = KMResult(groups=g, n_groups=n_groups)
+    res = KMResult(groups=g, n_groups=n_groups, pooled=pooled_groups(g, n_groups))
     for split, df in g.groupby("split", sort=False):
         res.p_split[str(split)] = logrank_p(df.time, df.event, df.group)
-    res.p_pooled = logrank_p(g.time, g.event, g.group)
+    res.p_pooled = logrank_p(res.pooled.time, res.pooled.event, res.pooled.group)
     return res
 
 
@@ -159,10 +202,16 @@ def km_figures(res: KMResult, *, endpoint: str = "", per_split: bool = True):
     how = "training median" if res.n_groups == 2 else "training tertiles"
     ep = f"{endpoint.upper()} · " if endpoint else ""
     figs = {}
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    plot_km(res.groups, res.n_groups, ax=ax, p=res.p_pooled,
+    fig, ax = plt.subplots(figsize=(7.5, 5.8))
+    pooled = res.pooled if res.pooled is not None else res.groups
+    plot_km(pooled, res.n_groups, ax=ax, p=res.p_pooled,
             title=f"{ep}test patients pooled over {res.groups.split.nunique()} splits ({how})")
-    fig.tight_layout()
+    if res.pooled is not None:  # say how patients tested in several splits were counted
+        import textwrap
+
+        fig.text(0.5, 0.005, "\n".join(textwrap.wrap(f"Counted {res.pooled_how()}.", 110)),
+                 ha="center", va="bottom", fontsize=7, color="#444")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     figs["km_pooled"] = fig
     if per_split:
         splits = list(dict.fromkeys(res.groups.split))

@@ -1,6 +1,8 @@
 """The founding study's results table from a multirun: rows = models (± harmonisation),
-columns = endpoints, cells = mean test C-index with its 95 % interval over splits; below it, the
-jobs of the sweep that failed (job number, overrides, error line, log file).
+columns = endpoints, cells = mean test C-index with its 95 % interval over splits; then one row
+per run with the comparisons every run makes (classical baseline, paired difference, IBS against
+the null model, oracle); below them, the jobs of the sweep that failed (job number, overrides,
+error line, log file).
 
 Every job records how it ended in ``<sweep dir>/.jobs/<job number>.json`` (the Hydra callback
 below, inside the job; the SLURM launcher for jobs killed from outside), and the table is
@@ -90,16 +92,37 @@ def job_records(multirun_dir) -> pd.DataFrame:
     return df.drop_duplicates("job").drop(columns="_failed").reset_index(drop=True)
 
 
+def _cohort_name(run_dir: Path) -> str | None:
+    """The cohort folder's name (demo: ``n<patients>-seed<seed>-<size>``) from config.yaml."""
+    try:
+        from omegaconf import OmegaConf
+
+        root = OmegaConf.load(run_dir / "config.yaml").data.root
+        return Path(str(root)).name
+    except Exception:  # noqa: BLE001 - an older or partial run: the column stays empty
+        return None
+
+
 def collect(multirun_dir) -> pd.DataFrame:
     rows = []
     for f in sorted(Path(multirun_dir).rglob("metrics.json")):
         m = json.loads(f.read_text(encoding="utf-8"))
         c = m["cindex"]
+        b = m.get("baseline") or {}
+        d = b.get("cindex_diff") or {}
         rows.append({
             "experiment": m["experiment"], "harmonize": m.get("harmonize", "none"),
             "endpoint": m["endpoint"], "protocol": m.get("protocol"),
+            "cohort": _cohort_name(f.parent),
             "n_patients": m.get("n_patients"), "n_events": m.get("n_events"),
             "cindex": c["mean"], "ci_low": c["ci95"][0], "ci_high": c["ci95"][1],
+            "baseline": b.get("name") or (f"skipped: {b['skipped']}" if b.get("skipped")
+                                          else None),
+            "baseline_cindex": (b.get("cindex") or {}).get("mean"),
+            "diff": d.get("mean"), "diff_low": (d.get("ci95") or [None, None])[0],
+            "diff_high": (d.get("ci95") or [None, None])[1],
+            "ibs": (m.get("ibs") or {}).get("mean"),
+            "ibs_null": (m.get("ibs_null") or {}).get("mean"),
             "oracle": (m.get("oracle_cindex") or {}).get("mean"), "run": str(f.parent),
         })
     if not rows:
@@ -125,19 +148,69 @@ def _varying_overrides(jobs: pd.DataFrame) -> dict:
             for j, d in parsed.items()}
 
 
+def _f(v, fmt="{:.3f}") -> str:
+    return "–" if v is None or pd.isna(v) else fmt.format(v)
+
+
+def run_lines(runs: pd.DataFrame) -> list[str]:
+    """Markdown rows, one per run: test C (95 % CI over splits), the classical baseline's C on
+    the same splits, the paired difference (95 % paired-bootstrap CI), IBS against the null
+    model's (training KM for everyone), and the oracle (true risk, same test patients)."""
+    out = ["Per run: test C-index (95 % CI over splits); deep runs' classical baseline (the "
+           "tabular modalities' CoxNet, same splits) and the paired difference model − baseline "
+           "(95 % paired-bootstrap CI); integrated Brier score vs the null model (training KM "
+           "for all); oracle = C-index of the true risk on the same test patients.", "",
+           "| cohort | experiment | endpoint | n | test C (95 % CI) | baseline C | "
+           "model − baseline (95 % CI) | IBS | null IBS | oracle |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    order = runs.sort_values(["cohort", "endpoint", "experiment"], na_position="last")
+    for r in order.itertuples():
+        diff = (f"{r.diff:+.3f} ({r.diff_low:+.3f} to {r.diff_high:+.3f})"
+                if r.diff is not None and pd.notna(r.diff) else "–")
+        base = "–" if r.baseline_cindex is None or pd.isna(r.baseline_cindex) else \
+            f"{r.baseline_cindex:.3f}"
+        if base == "–" and isinstance(r.baseline, str) and r.baseline.startswith("skipped"):
+            base = "skipped"
+        exp = r.experiment + ("" if r.harmonize == "none" else f" + {r.harmonize}")
+        out.append(f"| {_cell(r.cohort)} | {_cell(exp)}"
+                   f" | {r.endpoint} | {_f(r.n_patients, '{:.0f}')} | "
+                   f"{r.cindex:.3f} ({r.ci_low:.3f}–{r.ci_high:.3f}) | {base} | {diff} | "
+                   f"{_f(r.ibs)} | {_f(r.ibs_null)} | {_f(r.oracle)} |")
+    return out
+
+
+def _each(dirs, fn) -> pd.DataFrame:
+    parts = []
+    for d in dirs:
+        try:
+            parts.append(fn(d))
+        except FileNotFoundError:
+            continue
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise FileNotFoundError(f"no metrics.json under {', '.join(map(str, dirs))}")
+    return pd.concat(parts, ignore_index=True)
+
+
 def results_table(multirun_dir, out_dir=None) -> pd.DataFrame:
-    """Write ``results.md`` and ``results.csv`` into ``out_dir`` (default: the multirun dir):
-    the table of the finished runs and the list of the failed jobs.  Returns the table (empty
-    when every job failed); FileNotFoundError when there is neither."""
-    jobs = job_records(multirun_dir)
+    """Write ``results.md`` and ``results.csv`` into ``out_dir`` (default: the multirun dir;
+    for a list of multirun dirs, their common parent): the table of the finished runs and the
+    list of the failed jobs.  Returns the table (empty when every job failed);
+    FileNotFoundError when there is neither."""
+    dirs = [multirun_dir] if isinstance(multirun_dir, (str, os.PathLike)) else list(multirun_dir)
+    if len(dirs) == 1:
+        multirun_dir = dirs[0]
+    else:
+        multirun_dir = Path(os.path.commonpath([str(Path(d).resolve()) for d in dirs]))
+    jobs = pd.concat([job_records(d) for d in dirs], ignore_index=True)
     failed = jobs[jobs.status.eq("FAILED")]
     try:
-        runs = collect(multirun_dir)
+        runs = _each(dirs, collect)
     except FileNotFoundError:
         if failed.empty:
             raise
         runs = pd.DataFrame(columns=["experiment", "harmonize", "endpoint", "protocol", "cindex",
-                                     "ci_low", "ci_high", "oracle", "run"])
+                                     "ci_low", "ci_high", "oracle", "run", "cohort"])
     # attach job number / overrides; a run dir whose job failed (e.g. a stale metrics.json of
     # an earlier attempt) is not a finished run
     by_run = {str(Path(r).resolve()): j for r, j in zip(jobs.run, jobs.index)
@@ -154,6 +227,8 @@ def results_table(multirun_dir, out_dir=None) -> pd.DataFrame:
             lambda r: f"{r.cindex:.3f} ({r.ci_low:.3f}–{r.ci_high:.3f})", axis=1)
         runs["model"] = runs.experiment + runs.harmonize.map(
             lambda h: "" if h == "none" else f" + {h}")
+        if runs.cohort.nunique() > 1:  # several cohorts (e.g. two demo sizes): one row each
+            runs["model"] = runs.cohort.fillna("?") + " · " + runs.model
         # a sweep may repeat a cell (e.g. other hyperparameters): keep the last run, the CSV
         # has them all
         wide = runs.drop_duplicates(["model", "endpoint"], keep="last").pivot(
@@ -169,10 +244,11 @@ def results_table(multirun_dir, out_dir=None) -> pd.DataFrame:
             lines.append(f"| {model} | " + " | ".join(
                 str(v) if pd.notna(v) else "–" for v in row) + " |")
         oracle = runs.groupby("endpoint")["oracle"].mean().dropna()
-        if len(oracle):
+        if len(oracle) and runs.cohort.nunique() <= 1:
             lines.append("")
             lines.append("Oracle C-index (true risk, same test splits): " + ", ".join(
                 f"{k.upper()} {v:.3f}" for k, v in oracle.items()))
+        lines += ["", *run_lines(runs)]
         runs = runs.drop(columns=["cell", "model"])
     else:
         wide = pd.DataFrame()

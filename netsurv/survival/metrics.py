@@ -233,3 +233,81 @@ def bootstrap_ci(metric, time, event, risk, *, n_boot: int = 1000, level: float 
         raise MetricError("bootstrap: the metric is undefined on every resample")
     a = (1 - level) / 2
     return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def paired_bootstrap(metric, time, event, risk_a, risk_b, *, n_boot: int = 1000,
+                     seed: int = 0) -> np.ndarray:
+    """Bootstrap replicates of ``metric(a) - metric(b)`` with both models scored on the *same*
+    resampled patients (a paired comparison: the patients' shared difficulty cancels).
+
+    Draws exactly as :func:`bootstrap_ci` with the same ``seed`` (one ``rng.integers(0, n, n)``
+    per replicate), so replicate ``b`` resamples the patients that replicate of the model's own
+    CI did. A replicate where the metric is undefined (no event, no comparable pair) is NaN.
+    """
+    time, event, risk_a = _check(time, event, risk_a)
+    risk_b = _risks(risk_b, "risk_b")
+    if len(risk_b) != len(time):
+        raise MetricError(f"risk_a, risk_b lengths differ: {len(risk_a)}, {len(risk_b)}")
+    rng = np.random.default_rng(seed)
+    n = len(time)
+    out = np.full(n_boot, np.nan)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if event[idx].sum() == 0:
+            continue
+        try:
+            out[b] = (metric(time[idx], event[idx], risk_a[idx])
+                      - metric(time[idx], event[idx], risk_b[idx]))
+        except MetricError:
+            continue
+    return out
+
+
+def combine_paired(replicates, level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean over splits of a paired difference: replicate ``b`` of the
+    combined statistic is the mean over splits of each split's replicate ``b``
+    (:func:`paired_bootstrap`); replicates undefined in some split are dropped.
+
+    Each split's test patients are resampled on their own, so the interval reflects the
+    test-patient sampling of every split, not the variation between training splits.
+    """
+    M = np.vstack([np.asarray(r, float).reshape(-1) for r in replicates])
+    ok = np.isfinite(M).all(axis=0)
+    if not ok.any():
+        raise MetricError("paired bootstrap: no replicate is defined in every split")
+    mean = M[:, ok].mean(axis=0)
+    a = (1 - level) / 2
+    return float(np.quantile(mean, a)), float(np.quantile(mean, 1 - a))
+
+
+def km_null_survival(train_time, train_event):
+    """``surv_fn(times) -> [n, len(times)]`` factory of the null model: the training split's
+    Kaplan–Meier curve given to every test patient (what a model's IBS must beat).
+
+    Returns ``null(n)``, a function of the number of test patients giving that ``surv_fn``.
+    """
+    from lifelines import KaplanMeierFitter
+
+    t, e = _check_train(train_time, train_event)
+    km = KaplanMeierFitter().fit(t, e)
+
+    def null(n: int):
+        def surv_fn(times):
+            s = km.survival_function_at_times(np.asarray(times, float)).to_numpy(float)
+            return np.tile(s, (int(n), 1))
+        return surv_fn
+    return null
+
+
+def brier_curve(train_time, train_event, test_time, test_event, surv_fn, times) -> np.ndarray:
+    """IPCW Brier score BS(t) at ``times`` (scikit-survival ``brier_score``), with the inputs
+    treated as in :func:`integrated_brier`, whose value is the trapezoidal mean of this curve."""
+    from sksurv.metrics import brier_score
+
+    train_time, train_event = _check_train(train_time, train_event)
+    test_time, test_event = _times(test_time, "test_time"), _events(test_event, "test_event")
+    tt = _clip_to_followup(test_time, followup_limit(train_time))
+    times = np.asarray(times, float)
+    est = np.asarray(surv_fn(times), float)
+    _, bs = brier_score(_surv(train_time, train_event), _surv(tt, test_event), est, times)
+    return np.asarray(bs, float)

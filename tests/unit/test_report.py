@@ -128,12 +128,13 @@ def test_logrank_p_equals_lifelines(tmp_path):
         # each split's groups come from its own training median
         tr = rd.pred[(rd.pred.split == s) & (rd.pred.role == "train")]
         assert (df.group == (df.risk >= np.median(tr.risk)).astype(int)).all()
-    g = res.groups
+    g = res.pooled  # pooled: each patient once (tests/unit/test_compare.py checks how)
+    assert g.patient_id.is_unique
     pooled = logrank_test(g.time[g.group == 0], g.time[g.group == 1],
                           g.event[g.group == 0], g.event[g.group == 1]).p_value
     assert res.p_pooled == pytest.approx(pooled, rel=1e-12)
     res3 = km_analysis(rd.pred, n_groups=3)
-    g3 = res3.groups
+    g3 = res3.pooled
     assert res3.p_pooled == pytest.approx(
         multivariate_logrank_test(g3.time, g3.group, g3.event).p_value, rel=1e-12)
     assert np.isnan(logrank_p([1, 2], [1, 1], [0, 0]))  # one group: undefined
@@ -259,3 +260,27 @@ def test_real_training_run_report(tmp_path):
     names = {a for a, _ in _imgs(html)}
     assert {"km_pooled", "td_auc", "brier", "calibration", "forest", "selection"} <= names
     assert 'class="err"' not in html
+
+
+def test_brier_figure_shows_the_ibs_of_metrics_json(tmp_path):
+    """One IBS per report: with the run's own curves (brier_curves.csv) the figure's legend
+    carries metrics.json's IBS, not a recomputation on another grid."""
+    run, _ = make_run(tmp_path)
+    t = np.array([2.0, 5.0, 9.0, 14.0])
+    rows = [pd.DataFrame({"time": t, "null": 0.05 * np.arange(1, 5), "model": 0.04 * np.arange(1, 5),
+                          "split": s}) for s in ("s0", "s1", "s2")]
+    pd.concat(rows).to_csv(run / "brier_curves.csv", index=False)
+    m = json.loads((run / "metrics.json").read_text())
+    m["ibs"] = {"mean": 0.1234, "std": 0.001, "ci95": [0.1, 0.2],
+                "per_split": {"s0": 0.12, "s1": 0.123, "s2": 0.1272}}
+    m["ibs_null"] = {"mean": 0.2345, "std": 0.002, "ci95": [0.2, 0.3],
+                     "per_split": {"s0": 0.23, "s1": 0.234, "s2": 0.2405}}
+    (run / "metrics.json").write_text(json.dumps(m))
+    rd = F.load_run(run)
+    cur = F.stored_brier_curves(rd)
+    assert cur["s1"][3] == 0.123 and cur["s1"][4] == 0.234
+    np.testing.assert_allclose(cur["s0"][2], 0.05 * np.arange(1, 5))
+    fig = F.fig_brier(rd)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("IBS 0.123 ± 0.001" in s for s in labels), labels
+    assert any("null" in s and "IBS 0.234 ± 0.002" in s for s in labels), labels
