@@ -17,6 +17,7 @@ and the ratio end-to-end / model-only.  Variants are interleaved (model, pipelin
 and the median of ``--repeats`` is kept, so that load from other jobs hits them alike; user
 and system CPU seconds per variant show allocator churn (page faults are system time).
 
+``--before`` adds the job as it was before the pipeline (``per-slide + trim`` below);
 ``--ablations`` adds, per cohort, the choices the pipeline is made of, one changed at a time:
 ``per-slide + trim`` (the job before: one reader / batch set per slide, a partial batch at
 the end of every slide, ``malloc_trim`` after each), ``per-slide`` (same, no trim),
@@ -164,10 +165,11 @@ def bench_cohort(name, enc, slides, a, td: Path, tiles_for_model: int | None = N
     variants = {"model only": model_only,
                 "pipeline": Run(enc, slides, td / name / "pipe", bs, cohort=True, trim=False,
                                 **kw)}
+    if a.ablations or a.before:
+        variants["per-slide + trim"] = Run(enc, slides, td / name / "ps-trim", bs,
+                                           cohort=False, trim=True, **kw)
     if a.ablations:
         variants.update({
-            "per-slide + trim": Run(enc, slides, td / name / "ps-trim", bs, cohort=False,
-                                    trim=True, **kw),
             "per-slide": Run(enc, slides, td / name / "ps", bs, cohort=False, trim=False, **kw),
             "pipeline + trim": Run(enc, slides, td / name / "pipe-trim", bs, cohort=True,
                                    trim=True, **kw),
@@ -202,11 +204,11 @@ def bench_cohort(name, enc, slides, a, td: Path, tiles_for_model: int | None = N
     m = min(len(ref), len(f0))
     line = (f"  pipeline vs in-memory, slide {s0}: max |diff| "
             f"{np.abs(f0[:m] - ref[:m]).max():.2e}, min cosine {cos_min(f0[:m], ref[:m]):.6f}")
-    if a.ablations:
+    if a.ablations or a.before:
         worst, diff = 1.0, 0.0
         for s, _, _ in slides:
             fa = read_embeddings(td / name / "pipe" / f"{s}.h5")[0]
-            fb = read_embeddings(td / name / "ps" / f"{s}.h5")[0]
+            fb = read_embeddings(td / name / "ps-trim" / f"{s}.h5")[0]
             worst, diff = min(worst, cos_min(fa, fb)), max(diff, float(np.abs(fa - fb).max()))
         line += f"; vs per-slide, all slides: max |diff| {diff:.2e}, min cosine {worst:.6f}"
     print(line, flush=True)
@@ -254,6 +256,8 @@ def main():
                     help="batches read ahead (default: the job's, 0 on CPU)")
     ap.add_argument("--ablations", action="store_true",
                     help="also measure each choice of the pipeline against its alternative")
+    ap.add_argument("--before", action="store_true",
+                    help="also measure the job before the pipeline (per-slide + trim)")
     ap.add_argument("--precision-tiles", type=int, default=0,
                     help="> 0: also compare fp32/bf16 x contiguous/channels_last on so many "
                          "tiles (with min cosine to fp32)")

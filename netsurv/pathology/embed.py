@@ -18,13 +18,17 @@ longer matches is never reused (:func:`is_embedded`).
 
 Tile loading
 ------------
-``num_workers = 0`` (default): a prefetch thread produces uint8 ``[B, H, W, 3]`` batches
-while the main thread runs ``preprocess`` + ``forward``; with the raw-tile path (tiled JPEG
-TIFF/SVS) the tiles of a batch are decoded in ``decode_threads`` threads (the JPEG decoder
-releases the GIL).  On a small CPU this beats worker processes.  ``num_workers > 0``: a torch
-DataLoader with that many worker processes.  On CUDA the uint8 batches are pinned and copied
-with ``non_blocking=True``.  Inference runs under ``torch.inference_mode`` and the encoder's
-precision policy (bf16 autocast on GPU, fp32 on CPU by default).
+:class:`CohortEmbedder` (the embedding job, and :func:`embed_slide` with ``num_workers = 0``)
+runs all slides of a job through one pipeline: batches of ``batch_size`` tiles run across
+slide boundaries (a cohort of small slides is not a string of partial batches), the reader,
+its ``decode_threads`` JPEG-decode threads (raw tiled-JPEG path; the decoder releases the
+GIL) and a fixed ring of uint8 ``[B, H, W, 3]`` batch buffers (pinned on CUDA, copied with
+``non_blocking=True``) live for the whole job, and each slide's rows are routed back to it in
+order.  ``prefetch = 0`` (CPU default): tiles are read in the caller's thread between forward
+passes; ``k > 0``: a reader thread ``k`` batches ahead.  ``num_workers > 0``: per slide, a
+torch DataLoader with that many worker processes.  Inference runs under
+``torch.inference_mode`` and the encoder's precision policy (bf16 autocast on GPU and on CPUs
+with native bf16, else fp32).
 """
 from __future__ import annotations
 
