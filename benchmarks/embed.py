@@ -1,24 +1,42 @@
-"""Embedding throughput on one demo slide with the default encoder (efficientnet_lite0_imagenet).
+"""Embedding throughput vs the model alone: one slide, the demo cohort, a cohort of small slides.
 
-    python benchmarks/embed.py [--tiles 0] [--batch-size 64] [--repeats 2]
-                               [--precision-tiles 64] [--encoder efficientnet_lite0_imagenet]
+    python benchmarks/embed.py [--cohorts slide,demo,small] [--repeats 2] [--batch-size N]
+                               [--ablations] [--encoder efficientnet_lite0_imagenet]
+                               [--precision-tiles 0]
 
-The slide (4096 µm², 0.5 µm/px, tiled JPEG) is generated into a temp folder and tiled with the
-default tiling parameters; all its tissue tiles are used (or the first ``--tiles``).  Prints images/s for
+Prints the CPU's bf16 flags and the precision ``precision=auto`` chose (force the other CPU
+branch with ``NETSURV_CPU_FLAGS=none``), then for each cohort, in images/s:
 
-- model only: ``encoder(x)`` on already preprocessed float tensors in memory (same batches);
-- preprocess + model: uint8 tiles in memory -> ``encoder.preprocess`` -> ``encoder``;
-- end to end: :func:`netsurv.pathology.embed.embed_slide` (slide -> tiles (prefetch thread,
-  raw tiled-JPEG decode) -> preprocess -> model -> HDF5);
+- model only: ``encoder(x)`` on preprocessed float tensors in memory, full batches of the
+  job's batch size (for ``slide``: the slide's own batches);
+- end to end: the embedding job's pipeline (:class:`netsurv.pathology.embed.CohortEmbedder`:
+  slides -> tiles -> preprocess -> model -> one HDF5 per slide), claimed slide by slide as
+  ``scripts/embed.py`` does;
 
-and the ratio end-to-end / model-only (best of ``--repeats``, variants interleaved so that load
-from other jobs hits them alike).  Then, on ``--precision-tiles`` tiles: fp32 vs bf16 autocast
-and contiguous vs channels_last on CPU, with the cosine similarity of each variant's embeddings
-to the fp32 ones (min over tiles).
+and the ratio end-to-end / model-only.  Variants are interleaved (model, pipeline, model, ...)
+and the median of ``--repeats`` is kept, so that load from other jobs hits them alike; user
+and system CPU seconds per variant show allocator churn (page faults are system time).
+
+``--before`` adds the job as it was before the pipeline (``per-slide + trim`` below);
+``--ablations`` adds, per cohort, the choices the pipeline is made of, one changed at a time:
+``per-slide + trim`` (the job before: one reader / batch set per slide, a partial batch at
+the end of every slide, ``malloc_trim`` after each), ``per-slide`` (same, no trim),
+``pipeline + trim`` (trim after each slide), ``pipeline prefetch=2`` (a reader thread two
+batches ahead instead of reading between forward passes).
+
+Cohorts: ``slide`` = one generated 4096 µm² slide (0.5 µm/px, ~570 tiles); ``demo`` = the
+demo cohort (``data=demo``: generated into ``$NETSURV_CACHE`` on first use, tiled with the
+default parameters, both cached); ``small`` = ``--small-slides`` generated 640 µm² slides
+(~25 tiles each).  Embedding files go to a temp folder.  On 2 quiet cores the default run
+takes about 3 minutes (plus the demo cohort's generation if it is not cached yet).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,140 +45,282 @@ import numpy as np
 import torch
 
 
-def make_slide(d: Path, n_tiles: int) -> Path:
-    import h5py
-
+def make_slide(path: Path, seed: int, um: float) -> Path:
     from netsurv.cohort.demo_wsi import write_demo_slide
-    from netsurv.pathology.slides import open_slide
-    from netsurv.pathology.tiling import TILING_DEFAULTS, tile_slide, write_coords
 
-    p = d / "bench.tiff"
-    write_demo_slide(p, rng=np.random.default_rng(0), density_z=0.0, size_z=0.0,
-                     pleomorphism_z=0.0, mpp=0.5, width_um=4096, height_um=4096)
-    with open_slide(p) as s:
-        res = tile_slide(s, TILING_DEFAULTS)
-        h5 = write_coords(d / "bench.h5", res, s, slide_id="bench")
-    with h5py.File(h5, "r+") as f:  # keep the first n_tiles tiles
-        c = f["coords"][:n_tiles] if n_tiles else f["coords"][:]
-        attrs = dict(f["coords"].attrs)
-        del f["coords"]
-        ds = f.create_dataset("coords", data=c)
-        for k, v in attrs.items():
-            ds.attrs[k] = v
-    print(f"slide {p.name}: {len(res.coords)} tissue tiles, using {len(c)}")
-    return h5
+    write_demo_slide(path, rng=np.random.default_rng(seed), density_z=0.0, size_z=0.0,
+                     pleomorphism_z=0.0, mpp=0.5, width_um=um, height_um=um)
+    return path
+
+
+def tiled(rows: list[dict], derived: Path, params: dict | None = None,
+          tile_kw: dict | None = None) -> list[tuple[str, Path, str]]:
+    """(slide_id, coords file, slide path) of every slide tiled without failure."""
+    import pandas as pd
+
+    from netsurv.tasks.tile import output_dir, tile_cohort
+
+    params = dict(params or {})
+    out = output_dir(derived, params)
+    res = tile_cohort(pd.DataFrame(rows), params, out, **{"qc": False, "progress": False,
+                                                          **(tile_kw or {})})
+    failed = set(res["failures"].slide_id) if len(res["failures"]) else set()
+    return [(r["slide_id"], out / f"{r['slide_id']}.h5", str(r["path"])) for r in rows
+            if r["slide_id"] not in failed]
+
+
+def demo_cohort():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from netsurv.tasks.cohort import resolve_cohort
+    from netsurv.tasks.tile import tile_options
+
+    cfg_dir = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=cfg_dir, version_base="1.3"):
+        cfg = compose("embed", overrides=["tile.progress=false"])
+    cohort = resolve_cohort(cfg.data)
+    params = OmegaConf.to_container(cfg.tiling, resolve=True)
+    rows = cohort.slides.to_dict("records")
+    return tiled(rows, Path(str(cfg.data.derived)), params,
+                 tile_options(OmegaConf.to_container(cfg.tile, resolve=True)))
 
 
 def cos_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGESIZE") / 2**20
+
+
+class Run:
+    """One end-to-end variant over a cohort: ``pipeline`` (one CohortEmbedder, as the job) or
+    per-slide (a fresh one per slide, as the job before); optional trim after each slide."""
+
+    def __init__(self, enc, slides, out: Path, bs: int, *, cohort: bool, trim: bool,
+                 prefetch: int, decode_threads: int):
+        self.enc, self.slides, self.out, self.bs = enc, slides, out, bs
+        self.cohort, self.trim, self.prefetch, self.dt = cohort, trim, prefetch, decode_threads
+
+    def __call__(self):
+        from netsurv.pathology.embed import CohortEmbedder, SlideJob
+        from netsurv.runtime import release_free_memory
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        jobs = [SlideJob(s, c, self.out / f"{s}.h5", p, s) for s, c, p in self.slides]
+
+        def new():
+            return CohortEmbedder(self.enc, self.bs, prefetch=self.prefetch,
+                                  decode_threads=self.dt)
+
+        n = 0
+        with new() if self.cohort else contextlib.nullcontext() as ce:
+            if ce is not None:
+                ce.plan(jobs)
+            for j in jobs:
+                if ce is None:
+                    with new() as one:
+                        one.plan([j])
+                        n += one.embed(j.key)
+                else:
+                    n += ce.embed(j.key)
+                if self.trim:
+                    release_free_memory()
+        return n
+
+
+def bench_cohort(name, enc, slides, a, td: Path, tiles_for_model: int | None = None):
+    from netsurv.pathology.embed import read_embeddings
+    from netsurv.pathology.tiling import TileDataset
+    from netsurv.tasks.embed import default_prefetch
+
+    bs = a.batch_size
+    counts = [len(TileDataset(c)) for _, c, _ in slides]
+    n_tiles = sum(counts)
+    print(f"\n[{name}] {len(slides)} slide(s), {n_tiles} tiles (median {int(np.median(counts))}"
+          f" per slide), batch {bs}", flush=True)
+    # model-only input: the first tiles, in full batches (one slide: its own batches)
+    want = n_tiles if tiles_for_model is None else min(n_tiles, tiles_for_model)
+    tiles = []
+    for _, c, p in slides:
+        ds = TileDataset(c, p, backend="auto")
+        tiles += [ds[i] for i in range(min(len(ds), want - len(tiles)))]
+        if len(tiles) >= want:
+            break
+    tiles = np.stack(tiles)
+    pre = [enc.preprocess(tiles[s:s + bs]) for s in range(0, len(tiles), bs)]
+    with torch.inference_mode():
+        enc(pre[0][:4])  # warm-up
+
+    def model_only():
+        with torch.inference_mode():
+            for x in pre:
+                enc(x)
+        return len(tiles)
+
+    pf = default_prefetch(a.prefetch, enc.device)
+    kw = dict(prefetch=pf, decode_threads=a.decode_threads)
+    variants = {"model only": model_only,
+                "pipeline": Run(enc, slides, td / name / "pipe", bs, cohort=True, trim=False,
+                                **kw)}
+    if a.ablations or a.before:
+        variants["per-slide + trim"] = Run(enc, slides, td / name / "ps-trim", bs,
+                                           cohort=False, trim=True, **kw)
+    if a.ablations:
+        variants.update({
+            "per-slide": Run(enc, slides, td / name / "ps", bs, cohort=False, trim=False, **kw),
+            "pipeline + trim": Run(enc, slides, td / name / "pipe-trim", bs, cohort=True,
+                                   trim=True, **kw),
+            f"pipeline prefetch={2 if pf == 0 else 0}": Run(
+                enc, slides, td / name / "pipe-pf", bs, cohort=True, trim=False,
+                prefetch=2 if pf == 0 else 0, decode_threads=a.decode_threads)})
+    secs = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for _ in range(a.repeats):
+        for k, fn in variants.items():
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            n = fn()
+            t, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            secs[k].append(t / n)
+            cpu[k].append(((r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n))
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    for k in variants:
+        u = statistics.median(c[0] for c in cpu[k]) * 1000
+        s = statistics.median(c[1] for c in cpu[k]) * 1000
+        ratio = med["model only"] / med[k]
+        print(f"  {k:22s} {1 / med[k]:8.1f} images/s  ratio {ratio:5.3f}  "
+              f"(cpu ms/tile: user {u:6.2f} sys {s:5.2f})", flush=True)
+    print(f"  RSS now {rss_mb():.0f} MiB, peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    # the pipeline's embeddings vs the in-memory model-only ones (first slide: its tiles in
+    # the slide's own batches) and, with --ablations, vs the per-slide path on every slide
+    s0, _, _ = slides[0]
+    f0 = read_embeddings(td / name / "pipe" / f"{s0}.h5")[0]
+    with torch.inference_mode():
+        k0 = counts[0]
+        ref = torch.cat([enc(enc.preprocess(tiles[s:min(s + bs, k0)]))
+                         for s in range(0, min(k0, len(tiles)), bs)]).numpy()
+    m = min(len(ref), len(f0))
+    line = (f"  pipeline vs in-memory, slide {s0}: max |diff| "
+            f"{np.abs(f0[:m] - ref[:m]).max():.2e}, min cosine {cos_min(f0[:m], ref[:m]):.6f}")
+    if a.ablations or a.before:
+        worst, diff = 1.0, 0.0
+        for s, _, _ in slides:
+            fa = read_embeddings(td / name / "pipe" / f"{s}.h5")[0]
+            fb = read_embeddings(td / name / "ps-trim" / f"{s}.h5")[0]
+            worst, diff = min(worst, cos_min(fa, fb)), max(diff, float(np.abs(fa - fb).max()))
+        line += f"; vs per-slide, all slides: max |diff| {diff:.2e}, min cosine {worst:.6f}"
+    print(line, flush=True)
+    return {k: 1 / v for k, v in med.items()}
+
+
+def precision_table(a, x, bs):
+    from netsurv.pathology.encoders import build_encoder
+
+    m = min(a.precision_tiles, len(x))
+    x = x[:m]
+    rows = []
+    print(f"\nprecision / memory format ({m} tiles, batch {bs}, best of {a.repeats}):")
+    for prec in ("fp32", "bf16"):
+        for cl in (False, True):
+            e = build_encoder(a.encoder, precision=prec)
+            e.model = e.model.to(memory_format=torch.channels_last if cl else
+                                 torch.contiguous_format)
+            e.channels_last = cl
+            with torch.inference_mode():
+                e(x[:4])
+                t_best, out = float("inf"), None
+                for _ in range(a.repeats):
+                    t0 = time.perf_counter()
+                    out = torch.cat([e(x[s:s + bs]) for s in range(0, m, bs)]).numpy()
+                    t_best = min(t_best, time.perf_counter() - t0)
+            rows.append(out)
+            print(f"  {prec:5s} channels_last={str(cl):5s} {m / t_best:8.2f} images/s  "
+                  f"min cosine vs fp32 {cos_min(out, rows[0]):.5f}", flush=True)
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--encoder", default="efficientnet_lite0_imagenet")
-    ap.add_argument("--tiles", type=int, default=0, help="first N tissue tiles (0: all)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--cohorts", default="slide,demo,small",
+                    help="comma-separated: slide, demo, small")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="default: the encoder config's batch_size (the job's)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--precision-tiles", type=int, default=64)
+    ap.add_argument("--small-slides", type=int, default=48)
+    ap.add_argument("--model-tiles", type=int, default=512,
+                    help="tiles in memory for the cohorts' model-only figure")
     ap.add_argument("--decode-threads", type=int, default=2)
-    ap.add_argument("--prefetch", type=int, default=None, help="batches read ahead (0: read "
-                    "synchronously between forward passes; default: the job's, 0 on CPU)")
-    ap.add_argument("--skip-throughput", action="store_true",
-                    help="only the precision / memory-format comparison")
+    ap.add_argument("--prefetch", type=int, default=None,
+                    help="batches read ahead (default: the job's, 0 on CPU)")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also measure each choice of the pipeline against its alternative")
+    ap.add_argument("--before", action="store_true",
+                    help="also measure the job before the pipeline (per-slide + trim)")
+    ap.add_argument("--precision-tiles", type=int, default=0,
+                    help="> 0: also compare fp32/bf16 x contiguous/channels_last on so many "
+                         "tiles (with min cosine to fp32)")
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep: glibc keeps freed memory, as the embedding job sets it "
                          "(netsurv.runtime); default: leave malloc alone")
     a = ap.parse_args()
-    import contextlib
+    from omegaconf import OmegaConf
 
+    from netsurv.pathology.encoders import build_encoder
+    from netsurv.pathology.encoders.core import NATIVE_BF16_FLAGS, cpu_flags
     from netsurv.runtime import keep_freed_memory
 
-    with keep_freed_memory() if a.malloc == "keep" else contextlib.nullcontext(False) as on:
-        print(f"malloc: {'keeps freed memory (netsurv.runtime, as the embedding job)' if on else 'glibc defaults'}")
-        run(a)
-
-
-def run(a):
-
-    from netsurv.pathology.embed import embed_slide, read_embeddings
-    from netsurv.pathology.encoders import build_encoder
-    from netsurv.pathology.tiling import TileDataset
-    from netsurv.tasks.embed import default_prefetch
-
+    cfg_file = Path(__file__).resolve().parents[1] / "configs" / "encoder" / f"{a.encoder}.yaml"
+    if a.batch_size is None:
+        a.batch_size = int(OmegaConf.load(cfg_file).get("batch_size") or 64) \
+            if cfg_file.is_file() else 64
+    flags = cpu_flags()
+    enc = build_encoder(a.encoder)  # the job's defaults: precision auto
+    env = os.environ.get("NETSURV_CPU_FLAGS")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    with tempfile.TemporaryDirectory() as td:
+          f"{torch.backends.cpu.get_cpu_capability()}; native bf16 flags: "
+          f"{sorted(flags & NATIVE_BF16_FLAGS) or 'none'}"
+          f"{' (NETSURV_CPU_FLAGS=' + env + ')' if env is not None else ''}")
+    print(f"encoder {enc.name} ({enc.weights_source}): precision=auto -> {enc.precision}, "
+          f"channels_last {enc.channels_last}, batch {a.batch_size}")
+    wanted = [c.strip() for c in a.cohorts.split(",") if c.strip()]
+    bad = set(wanted) - {"slide", "demo", "small"}
+    if bad:
+        ap.error(f"unknown cohort(s) {sorted(bad)}: choose from slide, demo, small")
+    with keep_freed_memory() if a.malloc == "keep" else contextlib.nullcontext(False) as on, \
+            tempfile.TemporaryDirectory() as td:
+        print(f"malloc: {'keeps freed memory (netsurv.runtime, as the embedding job)' if on else 'glibc defaults'}")
         td = Path(td)
-        h5 = make_slide(td, a.tiles)
-        enc = build_encoder(a.encoder)  # default weights, precision auto (fp32 on CPU)
-        print(f"encoder {enc.name} ({enc.weights_source}), precision {enc.precision}, "
-              f"channels_last {enc.channels_last}, batch {a.batch_size}")
-        ds = TileDataset(h5, backend="auto")
-        tiles = np.stack([ds[i] for i in range(len(ds))])
-        n, bs = len(tiles), a.batch_size
-        pre = [enc.preprocess(tiles[s:s + bs]) for s in range(0, n, bs)]
-        with torch.inference_mode():
-            enc(pre[0][:4])  # warm-up
+        res = {}
+        for c in wanted:
+            t0 = time.perf_counter()
+            if c == "slide":
+                p = make_slide(td / "slide.tiff", 0, 4096)
+                slides = tiled([{"patient_id": "P", "slide_id": "slide", "path": str(p)}],
+                               td / "d-slide")
+                res[c] = bench_cohort(c, enc, slides, a, td)
+            elif c == "demo":
+                slides = demo_cohort()
+                print(f"(demo cohort ready in {time.perf_counter() - t0:.0f} s)")
+                res[c] = bench_cohort(c, enc, slides, a, td, a.model_tiles)
+            else:
+                rows = [{"patient_id": f"P{k}", "slide_id": f"s{k:03d}",
+                         "path": str(make_slide(td / f"s{k:03d}.tiff", k, 640))}
+                        for k in range(a.small_slides)]
+                slides = tiled(rows, td / "d-small")
+                res[c] = bench_cohort(c, enc, slides, a, td, a.model_tiles)
+        print(f"\nsummary ({enc.precision}, batch {a.batch_size}): ratio end-to-end / model-only")
+        for c, r in res.items():
+            print(f"  {c:6s} {r['pipeline'] / r['model only']:.3f}  "
+                  f"({r['pipeline']:.1f} vs {r['model only']:.1f} images/s)")
+        if a.precision_tiles > 0:
+            from netsurv.pathology.tiling import TileDataset
 
-        def model_only():
-            with torch.inference_mode():
-                for x in pre:
-                    enc(x)
-
-        def pre_model():
-            with torch.inference_mode():
-                for s in range(0, n, bs):
-                    enc(enc.preprocess(tiles[s:s + bs]))
-
-        def end_to_end():
-            embed_slide(h5, enc, td / "emb.h5", batch_size=bs, num_workers=0,
-                        decode_threads=a.decode_threads,
-                        prefetch=default_prefetch(a.prefetch, enc.device))
-
-        variants = {} if a.skip_throughput else {
-            "model only": model_only, "preprocess + model": pre_model, "end to end": end_to_end}
-        best = {k: float("inf") for k in variants}
-        for _ in range(a.repeats):
-            for k, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                best[k] = min(best[k], time.perf_counter() - t0)
-        for k, t in best.items():
-            print(f"  {k:20s} {n / t:8.2f} images/s  ({t:.2f} s for {n} tiles)")
-        if not a.skip_throughput:
-            print(f"  ratio end-to-end / model-only        "
-                  f"{best['model only'] / best['end to end']:.3f}")
-            print(f"  ratio end-to-end / preprocess+model  "
-                  f"{best['preprocess + model'] / best['end to end']:.3f}")
-            feats, _, _ = read_embeddings(td / "emb.h5")
-            with torch.inference_mode():
-                ref_all = torch.cat([enc(x) for x in pre]).numpy()
-            print(f"  end-to-end vs in-memory embeddings: max |diff| "
-                  f"{np.abs(feats - ref_all).max():.2e}, min cosine {cos_min(feats, ref_all):.6f}",
-                  flush=True)
-
-        # precision / memory format on CPU
-        m = min(a.precision_tiles, n)
-        x = torch.cat(pre)[:m]
-        rows = []
-        print(f"precision / memory format ({m} tiles, batch {bs}, best of {a.repeats}):",
-              flush=True)
-        for prec in ("fp32", "bf16"):
-            for cl in (False, True):
-                e = build_encoder(a.encoder, precision=prec)
-                if cl:
-                    e.model = e.model.to(memory_format=torch.channels_last)
-                    e.channels_last = True
-                with torch.inference_mode():
-                    e(x[:4])
-                    t_best, out = float("inf"), None
-                    for _ in range(a.repeats):
-                        t0 = time.perf_counter()
-                        out = torch.cat([e(x[s:s + bs]) for s in range(0, m, bs)]).numpy()
-                        t_best = min(t_best, time.perf_counter() - t0)
-                rows.append((prec, cl, m / t_best, out))
-                print(f"  {prec:5s} channels_last={str(cl):5s} {m / t_best:8.2f} images/s  "
-                      f"min cosine vs fp32 {cos_min(out, rows[0][3]):.5f}", flush=True)
+            s, c, p = slides[0]
+            ds = TileDataset(c, p)
+            x = enc.preprocess(np.stack([ds[i] for i in range(min(len(ds), a.precision_tiles))]))
+            precision_table(a, x, a.batch_size)
 
 
 if __name__ == "__main__":

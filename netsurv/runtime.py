@@ -8,9 +8,14 @@ faults for 192 tiles x 3 passes), and 65 img/s once freed memory stayed in the h
 (``benchmarks/embed.py``).  PyTorch has no caching allocator on the CPU and glibc only reads
 its ``MALLOC_*`` environment variables at start-up, so :func:`keep_freed_memory` sets the same
 options with ``mallopt`` at run time.  The cost: the process keeps its peak heap instead of
-returning freed memory to the system, so it is applied around the embedding loop only and
-the heap is trimmed after each slide (the demo's main job peaked at 12.7 GB RSS with it
-process-wide, 4.9 GB without).  Set
+returning freed memory to the system, so it is applied around the embedding loop only (the
+demo's main job peaked at 12.7 GB RSS with it process-wide, 4.9 GB without).  Within the
+loop the heap stays bounded because the cohort pipeline
+(:class:`netsurv.pathology.embed.CohortEmbedder`) runs every batch at one shape: the blocks
+freed by a batch are exactly those the next one asks for, so the heap stops growing after a
+few batches and is returned once, at the end of the job.  Trimming after each slide (what the
+per-slide loop needed, where every slide ended in a batch of another size) costs a re-fault
+of the whole working set per slide: system time on a par with user time on small slides.  Set
 ``NETSURV_MALLOC=default`` to leave malloc alone.
 """
 from __future__ import annotations
@@ -59,7 +64,8 @@ def keep_freed_memory():
 
 def release_free_memory() -> None:
     """Give the heap's free pages back to the system now (``malloc_trim``); called after each
-    slide so that fragmentation cannot pile up over a cohort while mmap is off.  Demo cohort
+    slide by the per-slide loop (``embed.num_workers > 0``) so that batches of changing sizes
+    cannot pile up fragmentation over a cohort while mmap is off.  Demo cohort, per-slide loop
     (7,397 tiles): 173 s / 11.6 GB peak RSS without it, 311 s / 5.6 GB with it, 359 s with
     glibc's defaults; the gain grows with tiles per slide (one 574-tile slide: 29 -> 65 img/s
     model-only)."""

@@ -21,6 +21,7 @@ another job is tiling is waited for, not reported as failed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -92,11 +93,12 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
     ``cfg.encoder``.  Returns counts, ``out`` (the embeddings folder), ``index`` and
     ``failures`` (DataFrames over all slides, in the order of ``cohort``'s slides).
     """
-    from netsurv.pathology.embed import (embed_slide, embedded_tiles, encoder_attrs,
-                                         storage_dtype)
+    from netsurv.pathology.embed import (CohortEmbedder, SlideJob, embed_slide,
+                                         embedded_tiles, encoder_attrs, storage_dtype)
     from netsurv.pathology.encoders import build_encoder_from_config
     from netsurv.pathology.tiling import params_hash
     from netsurv.runtime import keep_freed_memory, release_free_memory
+    from netsurv.stages.cache import CorruptCacheError
     from netsurv.tasks.tile import output_dir, tile_cohort, tile_options
 
     t0 = time.perf_counter()
@@ -120,6 +122,7 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
 
     enc_cfg = _container(cfg["encoder"])
     batch_size = int(ecfg.get("batch_size") or enc_cfg.get("batch_size") or 64)
+    num_workers = int(ecfg.get("num_workers", 0) or 0)
     records = slides.to_dict("records")
     order = sorted(range(len(records)), key=lambda i: str(records[i]["slide_id"]))
     mine = _shard([i for i in order if str(records[i]["slide_id"]) not in tiling_fail], env)
@@ -136,17 +139,26 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
     def embed_one(i) -> int:
         sid, coords_h5, h5 = paths(i)
         enc = st["encoder"]
-        try:
-            n = embed_slide(
-                coords_h5, enc, h5, batch_size, int(ecfg.get("num_workers", 0) or 0),
-                backend=str(ecfg.get("backend", "auto")),
-                decode_threads=int(ecfg.get("decode_threads", 2) or 1),
-                prefetch=default_prefetch(ecfg.get("prefetch"), enc.device),
-                slide_path=records[i].get("path"), slide_id=sid, dtype=dtype)
-        finally:
-            release_free_memory()  # bounded RSS: reuse within a slide, not across the cohort
+        if st.get("pipeline") is not None:
+            n = st["pipeline"].embed(sid)
+        else:  # worker processes (embed.num_workers > 0): one DataLoader per slide
+            try:
+                n = embed_slide(
+                    coords_h5, enc, h5, batch_size, num_workers,
+                    backend=str(ecfg.get("backend", "auto")),
+                    decode_threads=int(ecfg.get("decode_threads", 2) or 1),
+                    prefetch=default_prefetch(ecfg.get("prefetch"), enc.device),
+                    slide_path=records[i].get("path"), slide_id=sid, dtype=dtype)
+            finally:
+                release_free_memory()  # bounded RSS: reuse within a slide, not across slides
         st["memo"].add(h5)
         return n
+
+    def pending(i) -> bool:
+        try:
+            return lookup(i) is None
+        except CorruptCacheError:
+            return True
 
     def local():
         # everything a rank may fail at on its own (device, disk) runs in here: the error then
@@ -168,13 +180,25 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
         clean_stale_temps(out)
         st["memo"] = VerifiedFiles(out)
         # the loop's big per-batch tensors are reused instead of page-faulted in afresh
-        # (CPU lite0: 29 -> 65 img/s; netsurv.runtime); freed memory goes back afterwards
-        with keep_freed_memory():
+        # (CPU lite0: 29 -> 65 img/s; netsurv.runtime); freed memory goes back afterwards.
+        # One pipeline for all of this rank's slides (netsurv.pathology.embed.CohortEmbedder):
+        # full batches across slides; every batch has the same shapes, so the kept heap
+        # reaches its size within a few batches and stays there (no trimming per slide)
+        with keep_freed_memory(), contextlib.ExitStack() as stack:
+            if num_workers <= 0:
+                pipe = st["pipeline"] = stack.enter_context(CohortEmbedder(
+                    enc, batch_size, backend=str(ecfg.get("backend", "auto")),
+                    decode_threads=int(ecfg.get("decode_threads", 2) or 1),
+                    prefetch=default_prefetch(ecfg.get("prefetch"), enc.device), dtype=dtype))
+                pipe.plan([SlideJob(paths(i)[0], paths(i)[1], paths(i)[2],
+                                    records[i].get("path"), paths(i)[0])
+                           for i in mine if pending(i)])
             outcomes = run_items(mine, key=lambda i: paths(i)[0], lookup=lookup,
                                  compute=embed_one, locks=ItemLocks(out),
                                  progress=bool(ecfg.get("progress", True)),
                                  desc=f"embed[{env.rank}/{env.world_size}]", unit="slide",
                                  what="embeddings file")
+            st["pipeline"] = None
         st["memo"].save()
         return [(i, o.status, o.value or 0, round(o.seconds, 3), o.error_type, o.error)
                 for i, o in zip(mine, outcomes)]

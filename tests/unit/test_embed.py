@@ -136,16 +136,25 @@ def test_cohort_job_resume_and_failures(wsi, encoder, tmp_path):
     for sid in ("s0", "s1", "s2"):
         assert is_embedded(out / f"{sid}.h5", encoder, Path(res["tiles_dir"]) / f"{sid}.h5")
 
-    # rerun: everything skipped, files untouched, no embed_slide call
+    # the pipeline (batches of 4 across slides) gave each slide its per-slide embeddings
+    for sid in ("s0", "s1", "s2"):
+        ds = TileDataset(Path(res["tiles_dir"]) / f"{sid}.h5", backend="raw")
+        with torch.inference_mode():
+            ref = encoder(encoder.preprocess(np.stack([ds[i] for i in range(len(ds))]))).numpy()
+        np.testing.assert_allclose(read_embeddings(out / f"{sid}.h5")[0], ref, rtol=1e-4,
+                                   atol=1e-4)
+
+    # rerun: everything skipped, files untouched, nothing embedded
     import netsurv.pathology.embed as pe
 
     calls = []
-    orig = pe.embed_slide
+    orig, orig_embed = pe.embed_slide, pe.CohortEmbedder.embed
     pe.embed_slide = lambda *a, **k: calls.append(a) or orig(*a, **k)
+    pe.CohortEmbedder.embed = lambda self, *a: calls.append(a) or orig_embed(self, *a)
     try:
         res2 = embed_cohort(slides, _cfg(derived), encoder=encoder)
     finally:
-        pe.embed_slide = orig
+        pe.embed_slide, pe.CohortEmbedder.embed = orig, orig_embed
     assert (res2["n_done"], res2["n_skipped"], res2["n_failed"]) == (0, 3, 0) and not calls
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("s*.h5")} == mtimes
 
