@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from netsurv.cohort.schema import Cohort, CohortError
 
-ACQ_EXCLUDE = {"patient_id", "image", "mask", "label"}
+ACQ_EXCLUDE = {"patient_id", "image", "mask", "label", "roi"}
 
 
 def require_inputs(cohort: Cohort, cfg: DictConfig) -> None:
