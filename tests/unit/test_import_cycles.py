@@ -70,7 +70,7 @@ def import_graph(pkg: Path = PKG) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for m, (path, is_pkg) in mods.items():
         own = set(_ancestors(m))
-        for name in _imported_names(ast.parse(path.read_text(), str(path)), m, is_pkg):
+        for name in _imported_names(ast.parse(path.read_text(encoding="utf-8"), str(path)), m, is_pkg):
             if name not in mods:
                 continue  # not a netsurv module (``from x import y`` with y a function, ...)
             for target in [*_ancestors(name), name]:
