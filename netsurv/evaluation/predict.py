@@ -207,6 +207,7 @@ def predict(run_dir, data_cfg: DictConfig, out, embeddings_dir=None) -> dict:
     ``attention.h5`` into ``out``.  Returns the summary written to ``prediction.json``."""
     from netsurv.cohort.schema import load_cohort
     from netsurv.evaluation.deep import attention_records
+    from netsurv.evaluation.runner import log_warnings
     from netsurv.survival.metrics import bootstrap_ci, harrell_cindex
 
     run_dir, out = Path(run_dir), Path(out)
@@ -235,12 +236,7 @@ def predict(run_dir, data_cfg: DictConfig, out, embeddings_dir=None) -> dict:
                                              np.arange(len(inputs.patients)), res["risk"],
                                              res["attention"], inputs.bags, role)
         harm = _harmonize_record(cfg, fitted)
-    msgs = []
-    for w in caught:
-        m = f"{w.category.__name__}: {w.message}"
-        if m not in msgs:
-            msgs.append(m)
-            log.warning(m)
+    msgs = log_warnings(caught)
     out.mkdir(parents=True, exist_ok=True)
     risk = pd.Series(np.mean(risks, axis=0), index=inputs.patients)
     pred = pd.DataFrame({"patient_id": cohort.patients})

@@ -77,12 +77,7 @@ def run(cfg: DictConfig) -> dict:
         warnings.filterwarnings("ignore", "The `srun` command is available on your system")
         metrics = _run(cfg, out, env.is_zero)
     if env.is_zero:
-        seen = []
-        for w in caught:
-            msg = f"{w.category.__name__}: {w.message}"
-            if msg not in seen:
-                seen.append(msg)
-                log.warning(msg)
+        seen = log_warnings(caught)
         (out / "warnings.log").write_text("\n".join(seen) + ("\n" if seen else ""),
                                           encoding="utf-8")
         metrics["n_warnings"] = len(seen)
@@ -96,6 +91,17 @@ def run(cfg: DictConfig) -> dict:
             except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
                 log.warning("report not written: %s", exc)
     return broadcast_object(metrics)
+
+
+def log_warnings(caught) -> list[str]:
+    """Log each distinct caught warning once (``Category: message``), in order; returns them."""
+    seen = []
+    for w in caught:
+        msg = f"{w.category.__name__}: {w.message}"
+        if msg not in seen:
+            seen.append(msg)
+            log.warning(msg)
+    return seen
 
 
 def _print_summary(metrics: dict, out: Path) -> None:
