@@ -1,21 +1,28 @@
 """Embedding throughput vs the model alone: one slide, the demo cohort, a cohort of small slides.
 
-    python benchmarks/embed.py [--cohorts slide,demo,small] [--repeats 2] [--batch-size N]
-                               [--ablations] [--encoder efficientnet_lite0_imagenet]
+    python benchmarks/embed.py [--cohorts slide,demo,small] [--repeats 2] [--warmup 1]
+                               [--batch-size N] [--ablations]
+                               [--encoder efficientnet_lite0_imagenet]
                                [--precision-tiles 0]
 
 Prints the CPU's bf16 flags and the precision ``precision=auto`` chose (force the other CPU
 branch with ``NETSURV_CPU_FLAGS=none``), then for each cohort, in images/s:
 
-- model only: ``encoder(x)`` on preprocessed float tensors in memory, full batches of the
-  job's batch size (for ``slide``: the slide's own batches);
+- model only: the pipeline's own forward step (``CohortEmbedder._forward`` minus the
+  preprocessing: ``inference_mode``, the encoder's precision/autocast and memory format, the
+  float32 numpy copy) on preprocessed float tensors in memory, full batches of the job's batch
+  size (for ``slide``: the slide's own batches);
 - end to end: the embedding job's pipeline (:class:`netsurv.pathology.embed.CohortEmbedder`:
   slides -> tiles -> preprocess -> model -> one HDF5 per slide), claimed slide by slide as
   ``scripts/embed.py`` does;
 
-and the ratio end-to-end / model-only.  Variants are interleaved (model, pipeline, model, ...)
-and the median of ``--repeats`` is kept, so that load from other jobs hits them alike; user
-and system CPU seconds per variant show allocator churn (page faults are system time).
+and the ratio end-to-end / model-only.  Every variant first runs once untimed (``--warmup``:
+oneDNN primitives for every batch shape, the heap grown to its working set; the pipeline on the
+first slides holding two batches, the whole cohort for ``slide``), then the variants are
+interleaved, in alternating order (model, pipeline; pipeline, model; ...), and the median of
+``--repeats`` is kept, so that load from other jobs and the order hit them alike; user and
+system CPU seconds and minor page faults per tile show allocator churn (page faults are system
+time).  The figures are steady state: one-time set-up costs belong to neither variant.
 
 ``--before`` adds the job as it was before the pipeline (``per-slide + trim`` below);
 ``--ablations`` adds, per cohort, the choices the pipeline is made of, one changed at a time:
@@ -24,21 +31,24 @@ the end of every slide, ``malloc_trim`` after each), ``per-slide`` (same, no tri
 ``pipeline + trim`` (trim after each slide), ``pipeline prefetch=2`` (a reader thread two
 batches ahead instead of reading between forward passes).
 
-Cohorts: ``slide`` = one generated 4096 µm² slide (0.5 µm/px, ~570 tiles); ``demo`` = the
+Cohorts: ``slide`` = one generated 4096 µm² slide (0.5 µm/px, ~600 tiles); ``demo`` = the
 demo cohort (``data=demo``: generated into ``$NETSURV_CACHE`` on first use, tiled with the
 default parameters, both cached); ``small`` = ``--small-slides`` generated 640 µm² slides
 (~25 tiles each).  Embedding files go to a temp folder.  On 2 quiet cores the default run
-takes about 3 minutes (plus the demo cohort's generation if it is not cached yet).
+takes about 8 minutes in bf16 and 15 in fp32 (plus the demo cohort's generation if it is not
+cached yet).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import resource
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +105,54 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGESIZE") / 2**20
 
 
+class _Preprocessed:
+    """The encoder as :meth:`CohortEmbedder._forward` sees it, for batches that are already
+    preprocessed: ``preprocess`` is the identity, everything else is the encoder's."""
+
+    def __init__(self, enc):
+        self._enc = enc
+
+    def preprocess(self, x):
+        return x
+
+    def __call__(self, x):
+        return self._enc(x)
+
+    def __getattr__(self, name):
+        return getattr(self._enc, name)
+
+
+def model_forward(enc):
+    """``fn(x) -> float32 numpy [B, dim]`` for a preprocessed batch ``x``: the embedding
+    pipeline's own forward step (:meth:`CohortEmbedder._forward`: ``inference_mode``, the
+    encoder's precision policy / autocast and memory format, the shape check, the copy out),
+    without the preprocessing, so that model-only runs the model exactly as the job does."""
+    from netsurv.pathology.embed import CohortEmbedder
+
+    host = types.SimpleNamespace(encoder=_Preprocessed(enc))
+    return lambda x: CohortEmbedder._forward(host, x, len(x))
+
+
+def model_tile_count(n_tiles: int, want: int | None, bs: int) -> int:
+    """Tiles in memory for the model-only figure: all (``want`` None: one slide, in its own
+    batches) or ``want`` rounded down to full batches of ``bs`` (at least one batch), never
+    more than ``n_tiles``."""
+    if want is None:
+        return n_tiles
+    return min(n_tiles, max(bs, min(want, n_tiles) // bs * bs))
+
+
+def warmup_slides(counts: list[int], bs: int, batches: int = 2) -> int:
+    """Length of the shortest prefix of the slides holding ``batches`` full batches of tiles
+    (all the slides when they hold fewer): the pipeline's warm-up."""
+    total = 0
+    for i, c in enumerate(counts):
+        total += c
+        if total >= batches * bs:
+            return i + 1
+    return len(counts)
+
+
 class Run:
     """One end-to-end variant over a cohort: ``pipeline`` (one CohortEmbedder, as the job) or
     per-slide (a fresh one per slide, as the job before); optional trim after each slide."""
@@ -103,6 +161,12 @@ class Run:
                  prefetch: int, decode_threads: int):
         self.enc, self.slides, self.out, self.bs = enc, slides, out, bs
         self.cohort, self.trim, self.prefetch, self.dt = cohort, trim, prefetch, decode_threads
+
+    def on(self, slides, out: Path) -> Run:
+        """The same variant on other slides, writing to ``out`` (warm-up)."""
+        r = copy.copy(self)
+        r.slides, r.out = slides, out
+        return r
 
     def __call__(self):
         from netsurv.pathology.embed import CohortEmbedder, SlideJob
@@ -142,7 +206,7 @@ def bench_cohort(name, enc, slides, a, td: Path, tiles_for_model: int | None = N
     print(f"\n[{name}] {len(slides)} slide(s), {n_tiles} tiles (median {int(np.median(counts))}"
           f" per slide), batch {bs}", flush=True)
     # model-only input: the first tiles, in full batches (one slide: its own batches)
-    want = n_tiles if tiles_for_model is None else min(n_tiles, tiles_for_model)
+    want = model_tile_count(n_tiles, tiles_for_model, bs)
     tiles = []
     for _, c, p in slides:
         ds = TileDataset(c, p, backend="auto")
@@ -151,13 +215,21 @@ def bench_cohort(name, enc, slides, a, td: Path, tiles_for_model: int | None = N
             break
     tiles = np.stack(tiles)
     pre = [enc.preprocess(tiles[s:s + bs]) for s in range(0, len(tiles), bs)]
-    with torch.inference_mode():
-        enc(pre[0][:4])  # warm-up
+    # Model-only used to measure slower than end to end because its only warm-up was one
+    # forward of 4 tiles: the first timed pass at the job's batch size paid the oneDNN
+    # primitive creation for every batch shape and the growth of the heap to the batch's
+    # working set (on the bench slide: 37 img/s, 1.3 M minor faults, as much sys as user
+    # time, vs 65-85 img/s and no faults warm), and model-only always ran first, so the
+    # pipeline after it found everything warm; with --repeats 2 the "median" is the mean of
+    # the cold and a warm pass.  Inputs, call path (same forward: inference_mode, autocast,
+    # channels_last), batch size, threads and malloc settings were already the same.  Now:
+    # an untimed warm-up of every variant (below), alternating order, and the pipeline's own
+    # forward step on the preloaded batches.
+    forward = model_forward(enc)
 
     def model_only():
-        with torch.inference_mode():
-            for x in pre:
-                enc(x)
+        for x in pre:
+            forward(x)
         return len(tiles)
 
     pf = default_prefetch(a.prefetch, enc.device)
@@ -176,22 +248,46 @@ def bench_cohort(name, enc, slides, a, td: Path, tiles_for_model: int | None = N
             f"pipeline prefetch={2 if pf == 0 else 0}": Run(
                 enc, slides, td / name / "pipe-pf", bs, cohort=True, trim=False,
                 prefetch=2 if pf == 0 else 0, decode_threads=a.decode_threads)})
+    threads = torch.get_num_threads()
+
+    def timed(fn):
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        n = fn()
+        t, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        if torch.get_num_threads() != threads:
+            print(f"  WARNING: torch threads {threads} -> {torch.get_num_threads()} during a "
+                  "run (figures not comparable)", flush=True)
+        return n, t, ((r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n,
+                      (r1.ru_minflt - r0.ru_minflt) / n)
+
+    if a.warmup:
+        # untimed: every batch shape's primitives, the heap at its working set (the pipeline
+        # on the first slides holding two batches: its own buffers and preprocessing)
+        j = warmup_slides(counts, bs)
+        warm = []
+        for _ in range(a.warmup):
+            for k, fn in variants.items():
+                fn = fn.on(slides[:j], td / name / "warm" / k) if isinstance(fn, Run) else fn
+                n, t, c = timed(fn)
+                warm.append(f"{k} {n / t:.1f} ({c[2]:.0f} faults/tile)")
+        print(f"  warm-up, untimed (images/s, first slides {sum(counts[:j])} tiles): "
+              + ", ".join(warm), flush=True)
     secs = {k: [] for k in variants}
     cpu = {k: [] for k in variants}
-    for _ in range(a.repeats):
-        for k, fn in variants.items():
-            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            n = fn()
-            t, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    order = list(variants)
+    for r in range(a.repeats):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            n, t, c = timed(variants[k])
             secs[k].append(t / n)
-            cpu[k].append(((r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n))
+            cpu[k].append(c)
     med = {k: statistics.median(v) for k, v in secs.items()}
     for k in variants:
-        u = statistics.median(c[0] for c in cpu[k]) * 1000
-        s = statistics.median(c[1] for c in cpu[k]) * 1000
+        u, s, f = (statistics.median(c[i] for c in cpu[k]) for i in range(3))
         ratio = med["model only"] / med[k]
         print(f"  {k:22s} {1 / med[k]:8.1f} images/s  ratio {ratio:5.3f}  "
-              f"(cpu ms/tile: user {u:6.2f} sys {s:5.2f})", flush=True)
+              f"(cpu ms/tile: user {u * 1000:6.2f} sys {s * 1000:5.2f}; "
+              f"{f:5.0f} faults/tile)  runs: "
+              + " ".join(f"{1 / v:.1f}" for v in secs[k]), flush=True)
     print(f"  RSS now {rss_mb():.0f} MiB, peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     # the pipeline's embeddings vs the in-memory model-only ones (first slide: its tiles in
     # the slide's own batches) and, with --ablations, vs the per-slide path on every slide
@@ -215,6 +311,24 @@ def bench_cohort(name, enc, slides, a, td: Path, tiles_for_model: int | None = N
     return {k: 1 / v for k, v in med.items()}
 
 
+@contextlib.contextmanager
+def malloc_mode(mode: str):
+    """``keep``: :func:`netsurv.runtime.keep_freed_memory`, as the embedding job; ``no-trim``:
+    the same with ``M_TRIM_THRESHOLD = -1`` (no trimming at all: mallopt's int caps the job's
+    threshold at 2 GiB, and a batch that leaves more than that free at the top of the heap is
+    trimmed and faulted in again by the next one); ``default``: glibc's defaults.  Yields
+    whether the settings were applied."""
+    if mode == "default":
+        yield False
+        return
+    from netsurv.runtime import _M_TRIM_THRESHOLD, _libc, keep_freed_memory
+
+    with keep_freed_memory() as on:
+        if on and mode == "no-trim":
+            on = bool(_libc().mallopt(_M_TRIM_THRESHOLD, -1))
+        yield on
+
+
 def precision_table(a, x, bs):
     from netsurv.pathology.encoders import build_encoder
 
@@ -229,7 +343,8 @@ def precision_table(a, x, bs):
                                  torch.contiguous_format)
             e.channels_last = cl
             with torch.inference_mode():
-                e(x[:4])
+                for s in range(0, m, bs):  # warm-up: every batch shape, the heap grown
+                    e(x[s:s + bs])
                 t_best, out = float("inf"), None
                 for _ in range(a.repeats):
                     t0 = time.perf_counter()
@@ -248,6 +363,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=None,
                     help="default: the encoder config's batch_size (the job's)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed runs of every variant before the timed ones (0: none)")
     ap.add_argument("--small-slides", type=int, default=48)
     ap.add_argument("--model-tiles", type=int, default=512,
                     help="tiles in memory for the cohorts' model-only figure")
@@ -261,15 +378,15 @@ def main():
     ap.add_argument("--precision-tiles", type=int, default=0,
                     help="> 0: also compare fp32/bf16 x contiguous/channels_last on so many "
                          "tiles (with min cosine to fp32)")
-    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+    ap.add_argument("--malloc", choices=["keep", "no-trim", "default"], default="keep",
                     help="keep: glibc keeps freed memory, as the embedding job sets it "
-                         "(netsurv.runtime); default: leave malloc alone")
+                         "(netsurv.runtime); no-trim: the same without any trimming "
+                         "(M_TRIM_THRESHOLD=-1); default: leave malloc alone")
     a = ap.parse_args()
     from omegaconf import OmegaConf
 
     from netsurv.pathology.encoders import build_encoder
     from netsurv.pathology.encoders.core import NATIVE_BF16_FLAGS, cpu_flags
-    from netsurv.runtime import keep_freed_memory
 
     cfg_file = Path(__file__).resolve().parents[1] / "configs" / "encoder" / f"{a.encoder}.yaml"
     if a.batch_size is None:
@@ -288,9 +405,11 @@ def main():
     bad = set(wanted) - {"slide", "demo", "small"}
     if bad:
         ap.error(f"unknown cohort(s) {sorted(bad)}: choose from slide, demo, small")
-    with keep_freed_memory() if a.malloc == "keep" else contextlib.nullcontext(False) as on, \
-            tempfile.TemporaryDirectory() as td:
-        print(f"malloc: {'keeps freed memory (netsurv.runtime, as the embedding job)' if on else 'glibc defaults'}")
+    with malloc_mode(a.malloc) as on, tempfile.TemporaryDirectory() as td:
+        print("malloc: " + ("glibc defaults" if not on else
+                            "keeps freed memory (netsurv.runtime, as the embedding job)"
+                            + (", no trimming at all (M_TRIM_THRESHOLD=-1)"
+                               if a.malloc == "no-trim" else "")))
         td = Path(td)
         res = {}
         for c in wanted:

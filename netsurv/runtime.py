@@ -51,8 +51,12 @@ def keep_freed_memory():
     (``malloc_trim``).  Yields True when applied (Linux with glibc, not disabled by
     ``NETSURV_MALLOC=default``)."""
     libc = _libc()
+    # trim threshold -1 (SIZE_MAX inside glibc) turns trimming off; the largest positive int,
+    # 2**31 - 1, did not: a batch of 256 tiles leaves over 2 GiB free at the top of the heap,
+    # which glibc then returned and the next batch faulted in again (fp32: ~4,800 page faults
+    # per tile, ~30 % of the embedding time)
     applied = libc is not None and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        libc.mallopt(_M_TRIM_THRESHOLD, -1))
     try:
         yield applied
     finally:
