@@ -10,7 +10,8 @@ from sklearn.base import BaseEstimator
 
 
 class CoxPH(BaseEstimator):
-    """lifelines ``CoxPHFitter`` with elastic-net penalty; ``predict_risk`` = linear predictor.
+    """lifelines ``CoxPHFitter`` with elastic-net penalty; ``predict_risk`` = linear predictor,
+    ``predict_survival`` = S(t | x) with lifelines' Breslow baseline of the training data.
 
     Constant columns are dropped before fitting (lifelines' Newton steps fail on them) and named
     in a warning. Fitted attributes: ``columns_``, ``coef_``, ``summary_`` (HRs with 95 % CIs).
@@ -44,3 +45,10 @@ class CoxPH(BaseEstimator):
     def predict_risk(self, X: pd.DataFrame) -> np.ndarray:
         X = pd.DataFrame(X).astype(float)
         return (X[self.columns_].to_numpy() * self.coef_).sum(axis=1)  # row-wise: see CoxNet
+
+    def predict_survival(self, X: pd.DataFrame, times) -> np.ndarray:
+        """S(t | x) at ``times``, ``[n_patients, n_times]`` (lifelines' Breslow baseline
+        hazard of the training data); what the integrated Brier score of a run needs."""
+        X = pd.DataFrame(X).astype(float)[self.columns_]
+        sf = self.model_.predict_survival_function(X, times=np.asarray(times, float))
+        return sf.to_numpy().T

@@ -64,3 +64,21 @@ def test_coxph_matches_lifelines_and_drops_constant_columns():
     ref = CoxPHFitter().fit(rossi, "week", "arrest")
     np.testing.assert_allclose(m.coef_, ref.params_[m.columns_].to_numpy(), atol=1e-6)
     np.testing.assert_allclose(m.predict_risk(X), X[m.columns_].to_numpy() @ m.coef_)
+
+
+def test_coxph_survival_matches_breslow_on_its_linear_predictor():
+    """CoxPH.predict_survival (so model=coxph runs get an integrated Brier score) equals
+    scikit-survival's Breslow estimator on the same linear predictor (rossi, real data)."""
+    from lifelines.datasets import load_rossi
+    from sksurv.linear_model.coxph import BreslowEstimator
+
+    rossi = load_rossi()
+    X = rossi.drop(columns=["week", "arrest"])
+    m = CoxPH(penalizer=0.0).fit(X, rossi.week, rossi.arrest)
+    times = np.array([5.0, 20.0, 35.0, 50.0])
+    got = m.predict_survival(X.iloc[:40], times)
+    assert got.shape == (40, 4) and np.all(np.diff(got, axis=1) <= 0)
+    lp = m.predict_risk(X)
+    br = BreslowEstimator().fit(lp, rossi.arrest.to_numpy().astype(bool), rossi.week.to_numpy())
+    want = np.vstack([f(times) for f in br.get_survival_function(lp[:40])])
+    np.testing.assert_allclose(got, want, atol=1e-6)
