@@ -52,23 +52,28 @@ def baseline_name(cfg: DictConfig, mods) -> str:
     return f"{est} ({'+'.join(mods)})"
 
 
-def _baseline_cfg(cfg: DictConfig, mods) -> DictConfig:
+def _baseline_cfg(cfg: DictConfig, mods, spec=None) -> DictConfig:
+    """The run's config with ``model`` = ``spec`` (default: the baseline group's estimator and
+    grid) and the classical pipeline's modalities ``mods``."""
+    spec = cfg.baseline if spec is None else spec
     out = cfg.copy()
     with open_dict(out):
-        out.model = OmegaConf.create({**{k: cfg.baseline[k] for k in cfg.baseline
-                                         if k != "name"}, "kind": "classical"})
+        out.model = OmegaConf.create({**{k: spec[k] for k in spec if k != "name"},
+                                      "kind": "classical"})
         out.modalities = list(mods)
     return out
 
 
-def fit_baseline(data: RunData, split, mods) -> dict:
+def fit_baseline(data: RunData, split, mods, frames=None, spec=None) -> dict:
     """The classical pipeline on ``mods``, fitted on the split's training patients that have
-    every one of them; ``risk`` is NaN for patients it cannot score."""
+    every one of them; ``risk`` is NaN for patients it cannot score, ``pipe`` the fitted
+    pipeline.  ``frames``: the tables of ``mods`` (default: the run's)."""
     from netsurv.cohort.splits import Split
     from netsurv.evaluation.classical import fit_split
 
-    cfg = _baseline_cfg(data.cfg, mods)
-    have = np.array([all(p in data.frames[m].index for m in mods) for p in data.patients])
+    cfg = _baseline_cfg(data.cfg, mods, spec)
+    frames = data.frames if frames is None else frames
+    have = np.array([all(p in frames[m].index for m in mods) for p in data.patients])
     pos = np.flatnonzero(have)
     new = -np.ones(len(data.patients), int)
     new[pos] = np.arange(len(pos))
@@ -78,12 +83,13 @@ def fit_baseline(data: RunData, split, mods) -> dict:
         raise MetricError(f"no training patient with events has all of {mods}")
     pts = [data.patients[i] for i in pos]
     sub = RunData(cfg=cfg, cohort=data.cohort, patients=pts,
-                  frames={m: data.frames[m].loc[pts] for m in mods}, time=data.time[pos],
+                  frames={m: frames[m].loc[pts] for m in mods}, time=data.time[pos],
                   event=data.event[pos], truth=None, meta=data.meta)
     fit = fit_split(sub, Split(name=split.name, train=tr, test=te))
     risk = np.full(len(data.patients), np.nan)
     risk[pos] = fit.risk
-    return {"name": baseline_name(data.cfg, mods), "risk": risk}
+    est = str(cfg.model.estimator._target_).rsplit(".", 1)[-1]
+    return {"name": f"{est} ({'+'.join(mods)})", "risk": risk, "pipe": fit.model}
 
 
 def ensure_baseline(data: RunData, split, fit: SplitFit) -> None:
@@ -99,7 +105,8 @@ def ensure_baseline(data: RunData, split, fit: SplitFit) -> None:
                                    "takes feature tables"}
         return
     try:
-        fit.baseline = fit_baseline(data, split, mods)
+        b = fit_baseline(data, split, mods)
+        fit.baseline = {"name": b["name"], "risk": b["risk"]}
     except Exception as exc:  # noqa: BLE001 - a baseline must never fail the model's run
         warnings.warn(f"split {split.name}: baseline {baseline_name(cfg, mods)} not fitted "
                       f"({type(exc).__name__}: {exc})", UserWarning)

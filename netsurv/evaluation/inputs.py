@@ -21,7 +21,7 @@ def require_inputs(cohort: Cohort, cfg: DictConfig) -> None:
 
     mods = set(cfg.modalities)
     emb_dir = (cfg.get("embeddings") or {}).get("dir")
-    if "wsi" in mods:
+    if "wsi" in mods or ("embeddings" in mods and "embeddings" not in cohort.features):
         require_items(cohort, "slides", need_files=not emb_dir)
     if "pathomics" in mods and "pathomics" not in cohort.features:
         require_items(cohort, "slides")
@@ -35,7 +35,9 @@ def modality_frames(cohort: Cohort, cfg: DictConfig) -> dict[str, pd.DataFrame]:
     A user table ``features/<modality>.csv`` wins; otherwise the modality's extraction stage runs
     (or resumes from its cache): radiomics from ct.csv, pathomics (nuclear morphology) from
     slides.csv.  The stages are called on every rank of a multi-process job and return the
-    same complete table on each.  ``wsi`` (tile-embedding bags) is handled by the deep fitter.
+    same complete table on each.  ``wsi`` (tile-embedding bags) is handled by the deep fitter;
+    ``embeddings`` is the mean tile embedding per patient (the embedding stage's bags, or
+    ``embeddings.dir``), a feature table for classical models (the linear probe).
     """
     frames = {}
     for m in cfg.modalities:
@@ -45,6 +47,11 @@ def modality_frames(cohort: Cohort, cfg: DictConfig) -> dict[str, pd.DataFrame]:
             frames[m] = cohort.clinical
         elif m in cohort.features:
             frames[m] = cohort.features[m]
+        elif m == "embeddings":  # the linear probe: mean tile embedding per patient
+            from netsurv.training.bags import embedding_means, wsi_bag_store
+
+            bags, _ = wsi_bag_store(cohort, cfg, cohort.patients)
+            frames[m] = embedding_means(bags, cohort.patients)
         elif m == "radiomics":
             from netsurv.tasks.radiomics import extract
 
@@ -63,7 +70,8 @@ def modality_frames(cohort: Cohort, cfg: DictConfig) -> dict[str, pd.DataFrame]:
             raise CohortError(
                 f"modality {m!r}: no table for it in {cohort.root}: expected "
                 f"features/{m}.csv (or one of the stages: radiomics from ct.csv, pathomics from "
-                "slides.csv, wsi = tile-embedding bags for deep models)")
+                "slides.csv, embeddings = mean tile embedding from slides.csv, wsi = "
+                "tile-embedding bags for deep models)")
     return frames
 
 

@@ -181,13 +181,22 @@ def _deep_risk(cfg: DictConfig, fitted: Fitted, inputs: CohortInputs) -> dict:
             s.meta = inputs.meta
     patients = inputs.patients
     X, present = steps.transform(inputs.frames, patients)
-    net = build_net(cfg, inp["dims"], int(inp["out_dim"]))
+    st = inp.get("offset")  # the classical offset (netsurv.training.offset), if the run had one
+    offset = None
+    if st is not None:
+        from netsurv.training.bags import embedding_means
+        from netsurv.training.offset import predict_offset
+
+        ofr = {m: (embedding_means(inputs.bags, patients) if m == "embeddings"
+                   else inputs.frames[m]) for m in st["modalities"]}
+        offset = predict_offset(st, ofr, patients, inputs.meta)
+    net = build_net(cfg, inp["dims"], int(inp["out_dim"]), offset=st is not None)
     net.load_state_dict(fitted.model["state_dict"])
     module = SurvivalModule(net, loss=inp["loss"], edges=inp["edges"])
     bags = inputs.bags if "wsi" in inp["dims"] else None
     n = len(patients)
     ds = PatientDataset(np.arange(n), patients, bags, X, present, np.zeros(n), np.zeros(n),
-                        feat_dim=int(inp["dims"].get("wsi", 0)))
+                        feat_dim=int(inp["dims"].get("wsi", 0)), offset=offset)
     dm = SurvivalDataModule({"all": ds}, eval_batch_size=int(cfg.optim.get("eval_batch_size", 64)),
                             eval_batch_sampler=eval_batch_sampler(cfg, bags))
     loader = dm.eval_dataloader("all", 0, 1)

@@ -40,6 +40,7 @@ class RunData:
     meta: pd.DataFrame | None           # acquisition columns (ComBat batches)
     bags: Any = None                    # tile-embedding bags (deep models with modality wsi)
     bags_info: dict | None = None       # the embedding stage's summary
+    aux: dict = field(default_factory=dict)  # derived tables built once per run (embedding means)
 
 
 @dataclass

@@ -132,13 +132,27 @@ class SurvivalNet(nn.Module):
     a GELU bottleneck followed by the fusion MLP uses it poorly; the weights start at zero so the
     network starts as the plain fusion model.
 
+    ``offset``: the batch carries ``offset`` [B], a classical model's linear predictor
+    (:mod:`netsurv.training.offset`), and the output becomes
+    ``bias + (1 + s) * offset + g * out``: the gate ``g`` and the scale correction ``s`` start
+    at zero, so the network starts as the classical model and learns a residual (ReZero);
+    ``bias`` (one per output, zero) gives discrete-time heads their baseline hazard while ``g``
+    is small (a Cox output ignores it).
+
     ``batch`` keys: ``wsi`` [B, N, D] + ``wsi_mask`` [B, N]; ``<modality>`` [B, d] for tabular
-    ones; ``present`` {modality: bool [B]}.
+    ones; ``present`` {modality: bool [B]}; ``offset`` [B] with ``offset=True``.
     """
 
     def __init__(self, branches: dict[str, nn.Module], fusion: nn.Module,
-                 modality_dropout: float = 0.0, linear: dict[str, int] | None = None):
+                 modality_dropout: float = 0.0, linear: dict[str, int] | None = None,
+                 offset: bool = False):
         super().__init__()
+        self.offset = bool(offset)
+        if self.offset:
+            n_out = int(getattr(fusion, "out_dim", 1))
+            self.offset_gate = nn.Parameter(torch.zeros(()))
+            self.offset_scale = nn.Parameter(torch.zeros(()))
+            self.offset_bias = nn.Parameter(torch.zeros(n_out))
         self.branches = nn.ModuleDict(branches)
         self.fusion = fusion
         self.modality_dropout = modality_dropout
@@ -177,4 +191,7 @@ class SurvivalNet(nn.Module):
         out = self.fusion(embs, present)
         for m, lin in self.linear.items():
             out = out + lin(batch[m]) * present[m][:, None].to(out.dtype)
+        if self.offset:
+            off = batch["offset"].to(out.dtype)[:, None]
+            out = self.offset_bias + (1 + self.offset_scale) * off + self.offset_gate * out
         return {"out": out, "attention": attn}

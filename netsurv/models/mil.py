@@ -33,6 +33,18 @@ def _projector(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout))
 
 
+def _project(proj: nn.Sequential, x: Tensor, mask: Tensor) -> Tensor:
+    """``proj`` of the real tiles only, zeros at padded positions.  A batch of uneven bags is
+    padded to its longest (often 3-5x the real tiles), and the input dropout's random draws
+    over [B, N, in_dim] dominated a CPU training epoch (37 of 79 s on the demo): padding now
+    costs neither draws nor matmuls.  Every caller masks padded positions afterwards."""
+    if bool(mask.all()):
+        return proj(x)
+    h = x.new_zeros((*mask.shape, proj[1].out_features))
+    h[mask] = proj(x[mask]).to(h.dtype)
+    return h
+
+
 class ABMIL(nn.Module):
     """Gated attention MIL (Ilse et al. 2018): a_i = softmax_i w^T (tanh(V h_i) * sigmoid(U h_i))."""
 
@@ -46,7 +58,7 @@ class ABMIL(nn.Module):
         self.w = nn.Linear(attn_dim, 1)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.proj(x)                                        # [B, N, dim]
+        h = _project(self.proj, x, mask)                        # [B, N, dim]
         a = torch.tanh(self.v(h))
         if self.u is not None:
             a = a * torch.sigmoid(self.u(h))
@@ -63,7 +75,7 @@ class MeanPoolMIL(nn.Module):
         self.proj = _projector(in_dim, dim, dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.proj(x)
+        h = _project(self.proj, x, mask)
         w = mask.to(h.dtype)
         attn = w / w.sum(1, keepdim=True).clamp_min(1.0)
         return torch.einsum("bn,bnd->bd", attn, h), attn
@@ -79,7 +91,7 @@ class MaxPoolMIL(nn.Module):
         self.proj = _projector(in_dim, dim, dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.proj(x).masked_fill(~mask[..., None], float("-inf"))
+        h = _project(self.proj, x, mask).masked_fill(~mask[..., None], float("-inf"))
         z, arg = h.max(1)                                       # [B, dim]
         empty = ~mask.any(1)
         z = z.masked_fill(empty[:, None], 0.0)

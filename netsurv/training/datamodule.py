@@ -131,8 +131,10 @@ class PatientDataset(Dataset):
     def __init__(self, idx, patients, bags: BagStore | dict[str, Bag] | None,
                  tab: dict[str, np.ndarray], present: dict[str, np.ndarray], time, event, *,
                  targets=None, train: bool = False, max_instances: int | None = None,
-                 seed: int = 0, feat_dim: int = 0):
+                 seed: int = 0, feat_dim: int = 0, offset=None):
         self.idx = np.asarray(idx)
+        # per-patient offset (a classical model's linear predictor, netsurv.training.offset)
+        self.offset = None if offset is None else np.asarray(offset, np.float32)
         self.patients = patients
         self.bags = bags
         self.tab, self.present = tab, present
@@ -177,6 +179,8 @@ class PatientDataset(Dataset):
                 "present": {m: bool(p[j]) for m, p in self.present.items()}}
         for m, x in self.tab.items():
             item[m] = torch.from_numpy(x[j])
+        if self.offset is not None:
+            item["offset"] = torch.tensor(self.offset[j])
         if self.targets is not None:
             item["bin"], item["bin_event"] = int(self.targets[0][j]), float(self.targets[1][j])
         if self.bags is not None:

@@ -40,7 +40,8 @@ __all__ = ["SurvivalModule"]
 class SurvivalModule(L.LightningModule):
     def __init__(self, net: torch.nn.Module, loss: str = "cox", ties: str = "efron",
                  edges=None, lr: float = 2e-4, weight_decay: float = 1e-2,
-                 select_after: int = 0, smooth: int = 1, snapshots: bool = False):
+                 select_after: int = 0, smooth: int = 1, snapshots: bool = False,
+                 record_val: bool = False, keep_last: int = 0):
         super().__init__()
         self.net = net
         self.loss_name = canonical_loss(loss)
@@ -56,6 +57,13 @@ class SurvivalModule(L.LightningModule):
         self._best_sel = -np.inf
         self._buf = {"val": [], "test": []}
         self.eventless_batches = 0
+        # inner-fold training: (positions, risks) of the validation patients after every epoch
+        self.record_val = bool(record_val)
+        self.val_records: list[tuple[np.ndarray, np.ndarray]] = []
+        # refit without validation: the nets of the last ``keep_last`` epochs (snapshots)
+        self.keep_last = int(keep_last)
+        if self.keep_last:
+            self._window = deque(maxlen=self.keep_last)
 
     # -- outputs ------------------------------------------------------------------------------
     def risk(self, out: torch.Tensor) -> torch.Tensor:
@@ -89,7 +97,7 @@ class SurvivalModule(L.LightningModule):
     def _eval_step(self, stage, batch):
         out = self.net(batch)["out"]
         self._buf[stage].append((self.risk(out).float(), batch["time"].float(),
-                                 batch["event"].float()))
+                                 batch["event"].float(), batch["pos"]))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)
@@ -99,14 +107,19 @@ class SurvivalModule(L.LightningModule):
 
     def _epoch_end(self, stage):
         if self._buf[stage]:
-            risk, time, event = (torch.cat(x) for x in zip(*self._buf[stage]))
+            risk, time, event, pos = (torch.cat(x) for x in zip(*self._buf[stage]))
         else:  # a rank without patients of this set still takes part in the gather
             risk = time = event = torch.zeros(0, device=self.device)
+            pos = torch.zeros(0, dtype=torch.long, device=self.device)
         self._buf[stage].clear()
         # every patient is on exactly one rank (no padding): the gathered set is the whole set
-        risk, time, event = (gather_cat(x) for x in (risk, time, event))
+        risk, time, event, pos = (gather_cat(x) for x in (risk, time, event, pos))
         if len(risk) == 0:
             return
+        if (stage == "val" and self.record_val
+                and not (self.trainer is not None and self.trainer.sanity_checking)):
+            self.val_records.append((pos.cpu().numpy().astype(np.int64),
+                                     risk.cpu().numpy().astype(np.float64)))
         try:
             c = harrell_cindex(time.cpu().numpy(), event.cpu().numpy(), risk.cpu().numpy())
         except MetricError:  # no comparable pair in this set: uninformative
@@ -128,6 +141,12 @@ class SurvivalModule(L.LightningModule):
     def on_validation_epoch_end(self):
         self._epoch_end("val")
 
+    def on_train_epoch_end(self):
+        if self.keep_last:
+            self._window.append({k: v.detach().to("cpu", copy=True)
+                                 for k, v in self.net.state_dict().items()})
+            self.best_snapshots = list(self._window)
+
     def on_test_epoch_end(self):
         self._epoch_end("test")
 
@@ -143,7 +162,7 @@ class SurvivalModule(L.LightningModule):
         if st is None:
             return
         self.val_history = list(st["val_history"])
-        self._window = deque(st["window"], maxlen=self.smooth)
+        self._window = deque(st["window"], maxlen=self._window.maxlen)
         self.best_snapshots = st["best_snapshots"]
         self._best_sel = float(st["best_sel"])
         self.eventless_batches = int(st["eventless_batches"])

@@ -21,7 +21,12 @@ def _cfg(overrides):
         return compose(config_name="train", overrides=[*FAST, *overrides])
 
 
-def test_deep_run_reports_its_classical_counterpart(tmp_path, capsys):
+def test_deep_run_reports_its_classical_counterpart(tmp_path, capsys, monkeypatch):
+    import netsurv.evaluation.deep as deep
+
+    # the network (not the offset alone) predicts, so the two models differ
+    monkeypatch.setattr(deep, "_paired_gain",
+                        lambda *a, **k: {"mean": 1.0, "se": 0.0, "prob_better": 1.0})
     df = simulate_patients(60, seed=3)
     root = tmp_path / "c"
     root.mkdir()
@@ -53,3 +58,33 @@ def test_deep_run_reports_its_classical_counterpart(tmp_path, capsys):
     assert "ibs_null" in seed and "baseline" not in seed
     rec = json.loads((tmp_path / "deep" / "splits" / "seed0.json").read_text())
     assert len(rec["baseline"]["diff_replicates"]) == 500
+
+
+@pytest.mark.parametrize("net_wins", [False, True])
+def test_offset_alone_unless_the_network_beats_it_out_of_fold(tmp_path, monkeypatch, net_wins):
+    """offset.modalities=tabular + inner folds: when the network's out-of-fold C does not beat
+    the offset's in 95 % of paired bootstrap resamples, the model is the classical offset itself (test risks
+    = the baseline's, shifted by the training centre; 0 epochs); otherwise the refitted
+    network predicts."""
+    import netsurv.evaluation.deep as deep
+
+    gain = ({"mean": 1.0, "se": 0.0, "prob_better": 1.0} if net_wins
+            else {"mean": 0.0, "se": 1.0, "prob_better": 0.5})
+    monkeypatch.setattr(deep, "_paired_gain", lambda *a, **k: gain)
+    df = simulate_patients(60, seed=3)
+    root = tmp_path / "c"
+    root.mkdir()
+    df[CLINICAL_COLUMNS].to_csv(root / "clinical.csv", index=False)
+    m = run(_cfg(["experiment=clinical", f"data.root={root}", "optim.inner_folds=2",
+                  "optim.select_after=0", "optim.smooth=1", f"+output_dir={tmp_path / 'd'}"]))
+    info = m["training"]["seed0"]
+    assert info["inner_folds"] == 2 and info["offset"]["modalities"] == ["clinical"]
+    p = pd.read_csv(tmp_path / "d" / "predictions.csv").query("role == 'test'")
+    shift = (p.risk - p.baseline_risk).to_numpy()
+    if net_wins:
+        assert info["epochs"] >= 1 and info["snapshots"] >= 1
+        assert np.ptp(shift) > 1e-6
+    else:
+        assert info["epochs"] == 0
+        np.testing.assert_allclose(shift, shift[0], atol=1e-5)
+        assert m["cindex"]["mean"] == pytest.approx(m["baseline"]["cindex"]["mean"], abs=1e-12)

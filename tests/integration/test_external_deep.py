@@ -62,6 +62,8 @@ def test_mil_external_run_and_predict(ext, tmp_path):
     assert e["test_root"].endswith("n24-seed12-small") and e["renamed_test_ids"] > 0
     assert e["test_embeddings"]["tiling_params_hash"] == m["embeddings"]["tiling_params_hash"]
     assert "oracle_cindex" in m
+    # the classical offset was fitted, so predict() below must recompute it for new patients
+    assert all(t["offset"]["modalities"] == ["clinical"] for t in m["training"].values())
     test_root = Path(e["test_root"])
     s = predict(tmp / "run", OmegaConf.create({"root": str(test_root)}), tmp_path / "p")
     got = pd.read_csv(tmp_path / "p" / "predictions.csv").dropna(subset=["risk"])

@@ -90,7 +90,8 @@ def test_interrupted_deep_split_resumes_from_last_checkpoint(cohort, tmp_path, m
     base = ["experiment=clinical", "data=cohort", f"data.root={cohort}", "evaluation.seeds=[0]",
             "data.clinical.categorical=[sex,smoking,histology,stage]", "optim.max_epochs=5",
             "optim.min_epochs=1", "optim.patience=0", "optim.select_after=1", "optim.smooth=2",
-            "optim.batch_size=16", "tabular.k=3", "tabular.dropout=0", "fusion.module.dropout=0"]
+            "optim.batch_size=16", "tabular.k=3", "tabular.dropout=0", "fusion.module.dropout=0",
+            "optim.inner_folds=0"]
 
     class StopAfterEpoch(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
@@ -133,3 +134,47 @@ def test_interrupted_deep_split_resumes_from_last_checkpoint(cohort, tmp_path, m
     logged = pd.read_csv(out / "logs" / "seed0" / "metrics.csv")
     assert json.loads((out / "metrics.json").read_text())["training"]["seed0"] == info
     assert logged["val/cindex"].notna().sum() >= 2
+
+
+def test_interrupted_inner_folds_resume_from_finished_folds(cohort, tmp_path, monkeypatch):
+    """optim.inner_folds: a split killed during its second inner fold keeps the first fold's
+    validation risks (checkpoints/<split>/inner0.npz) and a rerun trains only the rest; the
+    result equals an uninterrupted run."""
+    import netsurv.evaluation.deep as deep
+
+    base = ["experiment=clinical", "data=cohort", f"data.root={cohort}", "evaluation.seeds=[0]",
+            "data.clinical.categorical=[sex,smoking,histology,stage]", "optim.max_epochs=4",
+            "optim.min_epochs=1", "optim.select_after=1", "optim.smooth=2",
+            "optim.batch_size=16", "tabular.k=3", "tabular.dropout=0", "fusion.module.dropout=0",
+            "optim.inner_folds=3", "offset.modalities=none", "baseline=none"]
+    real = deep._run_fit
+    calls = []
+
+    def run_fit(*a, **k):
+        calls.append(1)
+        if crash and len(calls) == 2:
+            raise Crash("job killed during the second inner fold")
+        return real(*a, **k)
+
+    monkeypatch.setattr(deep, "_run_fit", run_fit)
+    out = tmp_path / "run"
+    crash = True
+    with pytest.raises(Crash):
+        run(_cfg([*base, f"+output_dir={out}"]))
+    assert (out / "checkpoints" / "seed0" / "inner0.npz").is_file()
+    assert not (out / "checkpoints" / "seed0" / "inner1.npz").exists()
+
+    crash = False
+    calls.clear()
+    resumed = run(_cfg([*base, f"+output_dir={out}"]))
+    info = resumed["training"]["seed0"]
+    assert info["inner_folds_reused"] == 1
+    assert len(calls) == 3            # folds 2 and 3, then the refit
+    fresh = run(_cfg([*base, f"+output_dir={tmp_path / 'fresh'}"]))
+    ref = fresh["training"]["seed0"]
+    assert ref["inner_folds_reused"] == 0
+    for k in ("inner_cindex", "best_epoch", "epochs", "snapshots"):
+        assert info[k] == ref[k], k
+    a = pd.read_csv(out / "predictions.csv")
+    b = pd.read_csv(tmp_path / "fresh" / "predictions.csv")
+    np.testing.assert_allclose(a.risk, b.risk, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,161 @@
+"""The classical model as a fixed offset of a deep survival network (small cohorts).
+
+With 60-200 training patients a network that must relearn the linear signal of a handful of
+clinical variables from scratch every split loses to a penalised Cox model on the same
+variables.  Here the classical pipeline (elastic-net Cox with its inner search, exactly the
+run's ``baseline``) is fitted on the training split first, and its linear predictor enters the
+network as a fixed offset: ``out = bias + (1 + s) * offset + g * net(x)`` with the gate ``g``
+and the scale correction ``s`` starting at zero (:class:`netsurv.models.fusion.SurvivalNet`).
+The network starts as the classical model and learns only what the slides (and non-linear
+terms) add; weight decay pulls ``g`` back to zero when they add nothing.
+
+Leak-free and honest on inner validation: the offset the network sees for a *training*
+patient (fit and inner-validation alike) is cross-fitted, i.e. predicted by the pipeline
+refitted without that patient's fold (``folds`` stratified folds, the hyper-parameters the
+inner search chose on the training split); otherwise the in-sample offset of the
+inner-validation patients would look better than it is and the network would learn to ignore
+the slides.  Test (and new) patients get the pipeline fitted on the whole training split.
+Offsets are centred on the training patients' mean; a patient lacking one of the offset's
+modalities gets 0 (the mean) and the network alone speaks for them.
+
+``offset.modalities``: ``auto`` (default: the run's feature tables, or for a slides-only run
+the linear probe), ``tabular`` (the run's feature tables: clinical, radiomics, pathomics),
+``tabular+embeddings`` (and the mean tile embedding per patient, the linear probe, when the run
+has slides), ``embeddings`` or ``none``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "none", "tabular", "embeddings", "tabular+embeddings")
+
+
+def offset_modalities(cfg) -> list[str]:
+    """The modalities of the run's offset (``[]``: no offset)."""
+    o = cfg.get("offset") or {}
+    kind = str(o.get("modalities", "none") or "none")
+    if kind not in CHOICES:
+        raise ValueError(f"offset.modalities={kind!r}: choose one of {', '.join(CHOICES)}")
+    if kind == "auto":
+        kind = "tabular" if any(m != "wsi" for m in cfg.modalities) else "embeddings"
+    mods = []
+    if "tabular" in kind:
+        mods += [m for m in cfg.modalities if m != "wsi"]
+    if "embeddings" in kind and "wsi" in cfg.modalities:
+        mods.append("embeddings")
+    return mods
+
+
+@dataclass
+class ClassicalOffset:
+    name: str
+    modalities: list[str]
+    pipe: object               # ClassicalPipeline fitted on the whole training split
+    full: np.ndarray           # its risk for every patient (NaN: lacks an offset modality)
+    values: np.ndarray         # what the network gets: cross-fitted on training patients
+    center: float
+    info: dict = field(default_factory=dict)
+
+    def state(self) -> dict:
+        """What a saved model keeps to recompute the offset of new patients."""
+        pipe = copy.copy(self.pipe)
+        pipe.meta = None  # the cohort's acquisition table: patient data, not a fit
+        return {"name": self.name, "modalities": list(self.modalities), "pipe": pipe,
+                "center": self.center}
+
+
+def offset_frames(data, mods) -> dict[str, pd.DataFrame]:
+    """The offset's input tables: the run's tables, and the embedding means (from the run's
+    bag store, computed once per run)."""
+    frames = {}
+    for m in mods:
+        if m == "embeddings":
+            if "embeddings" not in data.aux:
+                from netsurv.training.bags import embedding_means
+
+                data.aux["embeddings"] = embedding_means(data.bags, data.patients)
+            frames[m] = data.aux["embeddings"]
+        else:
+            frames[m] = data.frames[m]
+    return frames
+
+
+def fit_offset(data, split) -> ClassicalOffset | None:
+    """The offset of one split (same result on every rank: classical fits are deterministic)."""
+    from netsurv.evaluation.compare import fit_baseline
+
+    mods = offset_modalities(data.cfg)
+    if not mods:
+        return None
+    frames = offset_frames(data, mods)
+    try:
+        base = fit_baseline(data, split, mods, frames=frames, spec=data.cfg.offset.model)
+    except Exception as exc:  # noqa: BLE001 - the network alone is still a model
+        warnings.warn(f"split {split.name}: classical offset on {'+'.join(mods)} not fitted "
+                      f"({type(exc).__name__}: {exc}); this split's network is trained "
+                      "without it", UserWarning)
+        return None
+    pipe, full = base["pipe"], base["risk"]
+    n = len(data.patients)
+    have = np.isfinite(full)
+    tr = np.asarray(split.train)
+    tr_have = tr[have[tr]]
+    values = full.copy()
+    folds = int((data.cfg.get("offset") or {}).get("folds", 5))
+    ids = [data.patients[i] for i in tr_have]
+    sub = {m: f.loc[ids] for m, f in frames.items()}
+    ev = data.event[tr_have].astype(int)
+    oof = _cross_fit(pipe, sub, data.time[tr_have], ev, folds, int(data.cfg.seed))
+    values[tr_have] = oof
+    center = float(np.mean(oof))
+    values = np.where(np.isfinite(values), values - center, 0.0)
+    info = {"name": base["name"], "modalities": mods, "folds": folds,
+            "train_patients": int(len(tr_have)), "missing": int(n - have.sum())}
+    try:
+        from netsurv.survival.metrics import harrell_cindex
+
+        info["crossfit_cindex_train"] = float(harrell_cindex(data.time[tr_have], ev, oof))
+    except Exception:  # noqa: BLE001 - a summary figure only
+        pass
+    return ClassicalOffset(name=base["name"], modalities=mods, pipe=pipe, full=full,
+                           values=values, center=center, info=info)
+
+
+def _cross_fit(pipe, frames, time, event, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold risks of the fitted ``pipe``'s configuration (its k and estimator
+    parameters, refitted per fold; no new inner search)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    n = len(time)
+    folds = max(2, min(folds, int(event.sum()), int((1 - event).sum()) or folds))
+    out = np.full(n, np.nan)
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_idx, pred_idx in skf.split(np.zeros(n), event):
+        p = copy.deepcopy(pipe)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*too few events per feature.*")
+            p.fit({m: f.iloc[fit_idx] for m, f in frames.items()}, time[fit_idx], event[fit_idx])
+        out[pred_idx] = p.predict_risk({m: f.iloc[pred_idx] for m, f in frames.items()})
+    return out
+
+
+def predict_offset(state: dict, frames: dict[str, pd.DataFrame], patients, meta=None) -> np.ndarray:
+    """The saved offset of new patients (centred; 0 for patients lacking one of its
+    modalities), for :mod:`netsurv.evaluation.predict`."""
+    mods = state["modalities"]
+    have = [p for p in patients if all(p in frames[m].index for m in mods)]
+    out = pd.Series(0.0, index=list(patients))
+    if have:
+        pipe = copy.copy(state["pipe"])
+        pipe.meta = meta
+        risk = pipe.predict_risk({m: frames[m].loc[have] for m in mods})
+        out.loc[have] = np.asarray(risk, float) - float(state["center"])
+    return out.to_numpy(float)
