@@ -63,13 +63,21 @@ class ClassicalOffset:
     values: np.ndarray         # what the network gets: cross-fitted on training patients
     center: float
     info: dict = field(default_factory=dict)
+    fallback: dict | None = None  # the clinical-only model of patients lacking a modality
 
     def state(self) -> dict:
         """What a saved model keeps to recompute the offset of new patients."""
-        pipe = copy.copy(self.pipe)
-        pipe.meta = None  # the cohort's acquisition table: patient data, not a fit
-        return {"name": self.name, "modalities": list(self.modalities), "pipe": pipe,
-                "center": self.center}
+        def strip(pipe):
+            pipe = copy.copy(pipe)
+            pipe.meta = None  # the cohort's acquisition table: patient data, not a fit
+            return pipe
+
+        fb = None
+        if self.fallback is not None:
+            fb = {"modalities": ["clinical"], "pipe": strip(self.fallback["pipe"]),
+                  "center": self.fallback["center"]}
+        return {"name": self.name, "modalities": list(self.modalities),
+                "pipe": strip(self.pipe), "center": self.center, "fallback": fb}
 
 
 def offset_frames(data, mods) -> dict[str, pd.DataFrame]:
@@ -88,45 +96,81 @@ def offset_frames(data, mods) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def fit_offset(data, split) -> ClassicalOffset | None:
-    """The offset of one split (same result on every rank: classical fits are deterministic)."""
+def _fit_part(data, split, mods, frames) -> dict:
+    """One classical model of the offset: its full training-split fit (``full``: risk of every
+    patient, NaN where a modality is missing) and the cross-fitted, centred risks of the
+    training patients (``values``: NaN for patients it cannot score)."""
     from netsurv.evaluation.compare import fit_baseline
 
-    mods = offset_modalities(data.cfg)
-    if not mods:
-        return None
-    frames = offset_frames(data, mods)
-    try:
-        base = fit_baseline(data, split, mods, frames=frames, spec=data.cfg.offset.model)
-    except Exception as exc:  # noqa: BLE001 - the network alone is still a model
-        warnings.warn(f"split {split.name}: classical offset on {'+'.join(mods)} not fitted "
-                      f"({type(exc).__name__}: {exc}); this split's network is trained "
-                      "without it", UserWarning)
-        return None
+    base = fit_baseline(data, split, mods, frames=frames, spec=data.cfg.offset.model)
     pipe, full = base["pipe"], base["risk"]
-    n = len(data.patients)
     have = np.isfinite(full)
     tr = np.asarray(split.train)
     tr_have = tr[have[tr]]
-    values = full.copy()
     folds = int((data.cfg.get("offset") or {}).get("folds", 5))
     ids = [data.patients[i] for i in tr_have]
-    sub = {m: f.loc[ids] for m, f in frames.items()}
     ev = data.event[tr_have].astype(int)
-    oof = _cross_fit(pipe, sub, data.time[tr_have], ev, folds, int(data.cfg.seed))
+    oof = _cross_fit(pipe, {m: frames[m].loc[ids] for m in mods}, data.time[tr_have], ev,
+                     folds, int(data.cfg.seed))
+    values = full.copy()
     values[tr_have] = oof
     center = float(np.mean(oof))
-    values = np.where(np.isfinite(values), values - center, 0.0)
-    info = {"name": base["name"], "modalities": mods, "folds": folds,
-            "train_patients": int(len(tr_have)), "missing": int(n - have.sum())}
+    info = {"name": base["name"], "modalities": list(mods), "folds": folds,
+            "train_patients": int(len(tr_have))}
     try:
         from netsurv.survival.metrics import harrell_cindex
 
         info["crossfit_cindex_train"] = float(harrell_cindex(data.time[tr_have], ev, oof))
     except Exception:  # noqa: BLE001 - a summary figure only
         pass
-    return ClassicalOffset(name=base["name"], modalities=mods, pipe=pipe, full=full,
-                           values=values, center=center, info=info)
+    return {"name": base["name"], "pipe": pipe, "full": full, "values": values - center,
+            "center": center, "info": info}
+
+
+def fit_offset(data, split) -> ClassicalOffset | None:
+    """The offset of one split (same result on every rank: classical fits are deterministic).
+
+    Patients lacking one of the offset's modalities (no CT, say) would lose the whole classical
+    model; when the offset has more than the clinical table, a clinical-only model (fitted and
+    cross-fitted the same way) gives theirs."""
+    mods = offset_modalities(data.cfg)
+    if not mods:
+        return None
+    frames = offset_frames(data, mods)
+    try:
+        main = _fit_part(data, split, mods, frames)
+    except Exception as exc:  # noqa: BLE001 - the network alone is still a model
+        main = None
+        if len(mods) > 1 and "clinical" in mods:  # e.g. too few complete cases with CT
+            try:
+                main = _fit_part(data, split, ["clinical"], frames)
+            except Exception:  # noqa: BLE001
+                main = None
+        warnings.warn(f"split {split.name}: classical offset on {'+'.join(mods)} not fitted "
+                      f"({type(exc).__name__}: {exc}); this split's network is trained "
+                      + ("on a clinical-only offset" if main is not None else "without one"),
+                      UserWarning)
+        if main is None:
+            return None
+        mods = ["clinical"]
+    values = main["values"].copy()
+    info = dict(main["info"], missing=int((~np.isfinite(values)).sum()))
+    fallback = None
+    if len(mods) > 1 and "clinical" in mods and not np.isfinite(values).all():
+        try:
+            fallback = _fit_part(data, split, ["clinical"], frames)
+        except Exception as exc:  # noqa: BLE001 - those patients keep offset 0
+            warnings.warn(f"split {split.name}: clinical-only offset for patients lacking "
+                          f"{'+'.join(mods)} not fitted ({type(exc).__name__}: {exc})",
+                          UserWarning)
+        if fallback is not None:
+            use = ~np.isfinite(values) & np.isfinite(fallback["values"])
+            values[use] = fallback["values"][use]
+            info["fallback"] = dict(fallback["info"], patients=int(use.sum()))
+    values = np.where(np.isfinite(values), values, 0.0)
+    return ClassicalOffset(name=main["name"], modalities=mods, pipe=main["pipe"],
+                           full=main["full"], values=values, center=main["center"], info=info,
+                           fallback=fallback)
 
 
 def _cross_fit(pipe, frames, time, event, folds: int, seed: int) -> np.ndarray:
@@ -148,14 +192,21 @@ def _cross_fit(pipe, frames, time, event, folds: int, seed: int) -> np.ndarray:
 
 
 def predict_offset(state: dict, frames: dict[str, pd.DataFrame], patients, meta=None) -> np.ndarray:
-    """The saved offset of new patients (centred; 0 for patients lacking one of its
-    modalities), for :mod:`netsurv.evaluation.predict`."""
-    mods = state["modalities"]
-    have = [p for p in patients if all(p in frames[m].index for m in mods)]
+    """The saved offset of new patients (centred), for :mod:`netsurv.evaluation.predict`:
+    patients lacking one of its modalities get the clinical-only model's when the run had one,
+    else 0."""
     out = pd.Series(0.0, index=list(patients))
-    if have:
-        pipe = copy.copy(state["pipe"])
-        pipe.meta = meta
-        risk = pipe.predict_risk({m: frames[m].loc[have] for m in mods})
-        out.loc[have] = np.asarray(risk, float) - float(state["center"])
+    done: set = set()
+    for part in (state, state.get("fallback")):
+        if part is None:
+            continue
+        mods = part["modalities"]
+        have = [p for p in patients
+                if p not in done and all(p in frames[m].index for m in mods)]
+        if have:
+            pipe = copy.copy(part["pipe"])
+            pipe.meta = meta
+            risk = pipe.predict_risk({m: frames[m].loc[have] for m in mods})
+            out.loc[have] = np.asarray(risk, float) - float(part["center"])
+            done.update(have)
     return out.to_numpy(float)

@@ -130,7 +130,8 @@ def _params(cfg) -> dict:
     return params
 
 
-def test_slurm_launcher_cpu_defaults_request_no_gpu(plain_env, tmp_path):
+def test_slurm_launcher_cpu_defaults_request_no_gpu(slurm, plain_env, tmp_path):
+    # slurm: submitit writes the sbatch script only where srun exists (the session's SLURM)
     cfg = _launcher("hydra/launcher=slurm", "hydra.launcher.partition=cpu",
                     f"hydra.sweep.dir={tmp_path}")
     params = _params(cfg)
@@ -145,7 +146,8 @@ def test_slurm_launcher_cpu_defaults_request_no_gpu(plain_env, tmp_path):
     assert "--kill-on-bad-exit" not in text
 
 
-def test_slurm_launcher_gpu_and_ddp_resources(plain_env, tmp_path):
+def test_slurm_launcher_gpu_and_ddp_resources(slurm, plain_env, tmp_path):
+    # slurm: submitit writes the sbatch script only where srun exists (the session's SLURM)
     cfg = _launcher("hydra/launcher=slurm_gpu", "trainer=gpu", f"hydra.sweep.dir={tmp_path}")
     text = _sbatch(fit_resources(_params(cfg), cfg.trainer))
     assert "#SBATCH --gpus-per-node=1" in text and "#SBATCH --cpus-per-task=8" in text

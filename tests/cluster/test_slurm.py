@@ -154,12 +154,14 @@ def preempted(slurm, tmp_path_factory):
     t0 = time.monotonic()
     proc = subprocess.Popen(args, cwd=tmp, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    models = sweep / "0" / "models"
+    models, records = sweep / "0" / "models", sweep / "0" / "splits"
     first = None
     while time.monotonic() - t0 < 300 and proc.poll() is None:
-        done = sorted(models.glob("*.joblib")) if models.is_dir() else []
+        # a split is finished once its record is committed (after its model file): a model
+        # file seen while still being written changed its mtime when the write ended
+        done = sorted(records.glob("*.json")) if records.is_dir() else []
         if done:
-            first = done[0]
+            first = models / f"{done[0].stem}.joblib"
             break
         time.sleep(0.05)
     assert first is not None, proc.communicate()

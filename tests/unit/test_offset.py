@@ -292,6 +292,15 @@ def test_predict_offset_needs_every_modality_of_the_offset():
     want[5:10] = risk + 0.2
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     assert np.all(got[5:10] != 0)
+    # with the clinical-only fallback model, patients lacking the embeddings get its offset
+    fb = ClassicalPipeline(
+        clinical_encoder=ClinicalEncoder(numeric=["age"], categorical=["sex"],
+                                         scale_indicators=True),
+        model=CoxNet(l1_ratio=0.5, alpha=0.05)).fit({"clinical": df}, time, event)
+    state["fallback"] = {"modalities": ["clinical"], "pipe": fb, "center": 0.3}
+    got = predict_offset(state, frames, patients, meta=None)
+    want[:5] = fb.predict_risk({"clinical": df.loc[ids[:5]]}) - 0.3
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)   # 10..14: no clinical, 0
 
 
 # --------------------------------------------------------------------------- modalities
