@@ -199,6 +199,8 @@ def test_requeued_job_resumes_finished_splits(preempted):
     assert preempted["first"].stat().st_mtime_ns == preempted["first_mtime"]
 
 
+@pytest.mark.slow  # ~70 s: a two-task DDP sweep from an empty cache (the launcher's
+# resources and a classical SLURM sweep stay in the default suite)
 def test_readme_ddp_sweep_on_slurm_from_empty_cache(slurm, tmp_path):
     """The README's DDP command on SLURM, 2 tasks x 1 CPU per job, from an empty cache: the
     stages (demo cohort, tiling, embedding) run inside the jobs; each job trains with 2

@@ -139,7 +139,8 @@ def test_feature_table_modality(small_cohort, tmp_path):
                           "noise": rng.normal(size=len(df))})
     feats.to_csv(root / "features" / "radiomics.csv", index=False)
     cfg = _cfg(["data=cohort", f"data.root={root}", "name=radiomics_table", "model=coxph",
-                "modalities=[radiomics]", "+output_dir=" + str(tmp_path / "r")])
+                "modalities=[radiomics]", "evaluation.seeds=[0,1]",
+                "+output_dir=" + str(tmp_path / "r")])
     assert run(cfg)["cindex"]["mean"] > 0.65
     hr = pd.read_csv(tmp_path / "r" / "hazard_ratios.csv")
     assert {"feature", "exp(coef)", "exp(coef) lower 95%", "exp(coef) upper 95%", "split"} <= set(hr.columns)
