@@ -157,7 +157,8 @@ def test_multirun_writes_results_table(small_cohort, tmp_path):
     res = subprocess.run(
         [sys.executable, str(script), "-m", "data=cohort", f"data.root={root}", "target=os,pfs",
          "evaluation.seeds=[0,1]", "data.clinical.categorical=[sex,histology]",
-         f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=300)
+         f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, encoding="utf-8",
+        timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     md = (sweep / "results.md").read_text()
     assert "| clinical |" in md and "OS C-index" in md and "PFS C-index" in md
