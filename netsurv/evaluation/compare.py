@@ -47,8 +47,9 @@ def tabular_modalities(cfg: DictConfig) -> list[str]:
     return [m for m in cfg.modalities if m not in TABULAR_SKIP]
 
 
-def baseline_name(cfg: DictConfig, mods) -> str:
-    est = str(cfg.baseline.estimator._target_).rsplit(".", 1)[-1]
+def baseline_name(cfg: DictConfig, mods, spec=None) -> str:
+    """``"<estimator> (<modalities>)"`` of the baseline group (or of the model spec ``spec``)."""
+    est = str((cfg.baseline if spec is None else spec).estimator._target_).rsplit(".", 1)[-1]
     return f"{est} ({'+'.join(mods)})"
 
 
@@ -88,8 +89,7 @@ def fit_baseline(data: RunData, split, mods, frames=None, spec=None) -> dict:
     fit = fit_split(sub, Split(name=split.name, train=tr, test=te))
     risk = np.full(len(data.patients), np.nan)
     risk[pos] = fit.risk
-    est = str(cfg.model.estimator._target_).rsplit(".", 1)[-1]
-    return {"name": f"{est} ({'+'.join(mods)})", "risk": risk, "pipe": fit.model}
+    return {"name": baseline_name(data.cfg, mods, spec), "risk": risk, "pipe": fit.model}
 
 
 def ensure_baseline(data: RunData, split, fit: SplitFit) -> None:

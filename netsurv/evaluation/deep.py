@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from netsurv.evaluation.inputs import make_harmonizer
 from netsurv.evaluation.records import RunData, SplitFit
 from netsurv.features.select import UnivariateCoxSelector
+from netsurv.survival.metrics import cindex_or_none
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
     if off is not None:
         info["offset"] = dict(off.info)
         if len(val):
-            info["offset"]["val_cindex"] = _cindex(time[val], event[val], off.values[val])
+            info["offset"]["val_cindex"] = cindex_or_none(time[val], event[val], off.values[val])
 
     def surv(times):
         return sfn(te, times)
@@ -361,13 +362,12 @@ def _datamodule(cfg: DictConfig, data: RunData, datasets: dict, seed: int):
 
 
 def _device(cfg: DictConfig) -> torch.device:
-    """The training device of this process (prediction runs there too)."""
-    from netsurv.distributed import dist_env
+    """The training device of this process (prediction runs there too), for a split whose
+    trainings were all restored from disk (no Trainer to ask)."""
+    from netsurv.distributed import device_for
 
-    acc = str(cfg.trainer.get("accelerator", "cpu"))
-    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", dist_env().local_rank)
-    return torch.device("cpu")
+    acc = str(cfg.trainer.get("accelerator", "auto"))
+    return torch.device(device_for("cuda" if acc == "gpu" else acc))
 
 
 def _run_fit(trainer, module, dm, resume, split_name: str) -> None:
@@ -441,7 +441,7 @@ def _fit_inner_folds(cfg, data, split, out, ckdir, resume, module_, ds, off, n_f
         for e in range(min(len(pos), max_epochs)):
             curves[e, pos[e]] = risk[e]
     # pooled out-of-fold C-index per epoch, smoothed over `smooth` epochs
-    cidx = np.array([_cindex(time[tr], event[tr], curves[e, tr]) or 0.5
+    cidx = np.array([cindex_or_none(time[tr], event[tr], curves[e, tr]) or 0.5
                      for e in range(max_epochs)])
     smoothed = np.array([cidx[max(0, e - smooth + 1):e + 1].mean() for e in range(max_epochs)])
     first = min(int(oc.get("select_after", 0)), max_epochs - 1)
@@ -457,7 +457,7 @@ def _fit_inner_folds(cfg, data, split, out, ckdir, resume, module_, ds, off, n_f
         # tried first: on the 83-patient demo it let a network through at +0.082 +- 0.057
         # out of fold that lost 0.14 on the test patients; the offset alone is exactly the
         # classical model
-        offset_c = _cindex(time[tr], event[tr], off.values[tr])
+        offset_c = cindex_or_none(time[tr], event[tr], off.values[tr])
         gain = _paired_gain(time[tr], event[tr], net_oof, off.values[tr], seed)
         level = float((cfg.get("offset") or {}).get("replace_level", 0.95))
         use_offset = not gain["prob_better"] >= level
@@ -496,19 +496,10 @@ def _paired_gain(time, event, risk, ref, seed: int, n_boot: int = 500) -> dict:
 
     reps = paired_bootstrap(harrell_cindex, time, event, risk, ref, n_boot=n_boot, seed=seed)
     reps = reps[np.isfinite(reps)]
-    full = (_cindex(time, event, risk) or 0.5) - (_cindex(time, event, ref) or 0.5)
+    full = (cindex_or_none(time, event, risk) or 0.5) - (cindex_or_none(time, event, ref) or 0.5)
     se = float(np.std(reps, ddof=1)) if len(reps) > 1 else float("inf")
     prob = float(np.mean(reps > 0)) if len(reps) else 0.0
     return {"mean": float(full), "se": se, "prob_better": prob}
-
-
-def _cindex(time, event, risk):
-    from netsurv.survival.metrics import MetricError, harrell_cindex
-
-    try:
-        return float(harrell_cindex(time, event, risk))
-    except MetricError:
-        return None
 
 
 def _offset_as_baseline(cfg: DictConfig, off) -> dict | None:

@@ -89,6 +89,15 @@ def harrell_cindex(time, event, risk) -> float:
                           "larger test set") from None
 
 
+def cindex_or_none(time, event, risk) -> float | None:
+    """Harrell's C, or None where it is undefined (no comparable pair): for summaries and
+    model choices that must go on without it."""
+    try:
+        return harrell_cindex(time, event, risk)
+    except MetricError:
+        return None
+
+
 def mean_ci(values, level: float = 0.95) -> tuple[float, float, tuple[float, float]]:
     """Mean, sample std and a t-interval over per-split estimates.
 

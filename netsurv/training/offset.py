@@ -101,6 +101,7 @@ def _fit_part(data, split, mods, frames) -> dict:
     patient, NaN where a modality is missing) and the cross-fitted, centred risks of the
     training patients (``values``: NaN for patients it cannot score)."""
     from netsurv.evaluation.compare import fit_baseline
+    from netsurv.survival.metrics import cindex_or_none
 
     base = fit_baseline(data, split, mods, frames=frames, spec=data.cfg.offset.model)
     pipe, full = base["pipe"], base["risk"]
@@ -117,12 +118,9 @@ def _fit_part(data, split, mods, frames) -> dict:
     center = float(np.mean(oof))
     info = {"name": base["name"], "modalities": list(mods), "folds": folds,
             "train_patients": int(len(tr_have))}
-    try:
-        from netsurv.survival.metrics import harrell_cindex
-
-        info["crossfit_cindex_train"] = float(harrell_cindex(data.time[tr_have], ev, oof))
-    except Exception:  # noqa: BLE001 - a summary figure only
-        pass
+    c = cindex_or_none(data.time[tr_have], ev, oof)
+    if c is not None:
+        info["crossfit_cindex_train"] = c
     return {"name": base["name"], "pipe": pipe, "full": full, "values": values - center,
             "center": center, "info": info}
 
