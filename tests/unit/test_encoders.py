@@ -361,3 +361,96 @@ def test_hub_kwargs_follow_model_cards(monkeypatch, name, must_have, must_not_ha
         build_encoder(name, weights="hub")
     assert seen["name"] == get_spec(name).hub_id and seen["pretrained"] is True
     assert must_have <= set(seen["kw"]) and not must_not_have & set(seen["kw"])
+
+
+# ------------------------------------------------------------------ resize fidelity
+def _ihc_tiles(size: int) -> np.ndarray:
+    img = skdata.immunohistochemistry()  # real IHC tissue, 512 x 512
+    return np.stack([img[i:i + size, j:j + size] for i in (0, 200) for j in (0, 200)])
+
+
+def _pil_reference(tiles, resize: int, crop: int, pil_mode) -> torch.Tensor:
+    """torchvision/timm eval transform on PIL images: Resize(resize) + CenterCrop(crop), /255."""
+    from PIL import Image
+
+    out = []
+    for t in tiles:
+        im = Image.fromarray(t)
+        if im.size != (resize, resize):
+            im = im.resize((resize, resize), pil_mode)
+        a = np.asarray(im)
+        o = (resize - crop) // 2
+        out.append(a[o:o + crop, o:o + crop])
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _pixels(enc, x: torch.Tensor) -> torch.Tensor:
+    """Normalised batch back to 0-255 pixels."""
+    std = torch.tensor(enc.std).view(1, 3, 1, 1)
+    mean = torch.tensor(enc.mean).view(1, 3, 1, 1)
+    return (x.float() * std + mean) * 255.0
+
+
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
+def test_uint8_tiles_resize_like_pil(interp):
+    """256-px tiles -> 224: the PIL reference transform within one grey level (rounding),
+    where resizing in float (the path before) is 0.3 levels off on average."""
+    from PIL import Image
+
+    enc = build_encoder("test_tiny")
+    enc.interpolation = interp
+    tiles = _ihc_tiles(256)
+    got = _pixels(enc, enc.preprocess(tiles))
+    pil_mode = Image.BICUBIC if interp == "bicubic" else Image.BILINEAR
+    ref = _pil_reference(tiles, 224, 224, pil_mode) * 255.0
+    d = (got - ref).abs()
+    assert d.max() <= 2.0 + 1e-3 and d.mean() < 0.05, (d.max(), d.mean())
+    flt = F.interpolate(torch.from_numpy(tiles).permute(0, 3, 1, 2).float(), size=(224, 224),
+                        mode=interp, antialias=True).clamp(0, 255)
+    assert (flt - ref).abs().mean() > 0.1  # the test can tell the two paths apart
+
+
+def test_rounded_float_resize_matches_uint8_kernel():
+    """The path for devices without uint8 resize kernels (GPU) gives the CPU kernel's pixels
+    within two grey levels (0.2 on average: the CPU kernel's fixed-point weights, as PIL's)."""
+    from netsurv.pathology.encoders.core import _resize, _resize_rounded
+
+    x = torch.from_numpy(_ihc_tiles(256)).permute(0, 3, 1, 2)
+    for mode in ("bicubic", "bilinear"):
+        a = _resize(x, (224, 224), mode, "cpu")
+        b = _resize_rounded(x, (224, 224), mode)
+        assert a.dtype == b.dtype == torch.uint8
+        d = (a.int() - b.int()).abs()
+        assert d.max() <= 2 and d.float().mean() < 0.3, (mode, d.max(), d.float().mean())
+
+
+@pytest.mark.parametrize("tile", [224, 256])
+def test_crop_pct_resizes_then_crops_at_every_tile_size(tile):
+    """Prov-GigaPath's model card: Resize(256, bicubic) + CenterCrop(224), also for 224-px
+    tiles (they used to skip the resize and lose the crop); 256-px tiles are only cropped."""
+    from PIL import Image
+
+    from netsurv.pathology.encoders.core import Encoder
+
+    spec = get_spec("prov_gigapath")
+    assert spec.crop_pct == pytest.approx(224 / 256) and spec.interpolation == "bicubic"
+    tiny = build_encoder("test_tiny")
+    enc = Encoder(name="gigapath-transform", model=tiny.model, dim=64, input_size=224,
+                  mean=spec.mean, std=spec.std, interpolation=spec.interpolation,
+                  weights_source="random", precision="fp32", device=torch.device("cpu"),
+                  crop_pct=spec.crop_pct)
+    assert enc.resize_to(tile, tile) == (None if tile == 256 else (256, 256))
+    tiles = _ihc_tiles(tile)
+    got = _pixels(enc, enc.preprocess(tiles))
+    ref = _pil_reference(tiles, 256, 224, Image.BICUBIC) * 255.0
+    d = (got - ref).abs()
+    if tile == 256:  # no resampling: exactly the centre crop
+        assert d.max() < 1e-3
+    else:
+        assert d.max() <= 2.0 + 1e-3 and d.mean() < 0.05
+
+
+def test_uni2_h_resizes_bilinear():
+    """UNI2-h's model card (and TRIDENT) resize with torchvision's default, bilinear."""
+    assert get_spec("uni2_h").interpolation == "bilinear"
+    assert get_spec("uni").interpolation == "bilinear"

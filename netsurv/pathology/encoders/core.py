@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,11 +114,18 @@ class Encoder:
         """uint8 ``[B,H,W,3]`` / ``[B,3,H,W]`` (or one image ``[H,W,3]``/``[3,H,W]``)
         -> float32 ``[B,3,S,S]`` on ``self.device``, normalised with ``mean``/``std``.
 
-        Resize/crop policy: if the image is not already ``S x S`` (``S = input_size``),
-        the shorter side is resized (antialiased, ``interpolation``) to
-        ``round(S / crop_pct)`` and the centre ``S x S`` is cropped.  With the default
-        ``crop_pct = 1.0`` a square tile is simply resized to ``S x S`` (whole field of
-        view kept); a tile that is already ``S x S`` is only normalised.
+        Resize/crop policy (timm's eval transform): the shorter side is resized
+        (antialiased, ``interpolation``) to ``R = round(S / crop_pct)`` unless it is ``R``
+        already, and the centre ``S x S`` is cropped.  With the default ``crop_pct = 1.0`` a
+        square tile is resized to ``S x S`` (whole field of view kept) and a tile that is
+        already ``S x S`` is only normalised; with ``crop_pct = 224/256`` (Prov-GigaPath's
+        Resize(256) + CenterCrop(224)) a 224-px tile is enlarged to 256 and cropped too.
+
+        uint8 images are resized as uint8, as the reference transforms do (PIL / torchvision
+        on uint8 images: the resized pixels are rounded; within 1 grey level of PIL's bicubic
+        resize, where a float resize differs by 0.3 levels on average).  On CPU this runs
+        torch's uint8 antialiased kernels (about 4x cheaper than the float path per 256-px
+        tile); elsewhere the float result is rounded and clamped the same way.
         """
         if isinstance(images, np.ndarray):
             images = np.ascontiguousarray(images)
@@ -127,34 +135,48 @@ class Encoder:
         if x.ndim != 4:
             raise ValueError(f"{self.name}: expected a 4-D image batch, got shape {tuple(x.shape)}")
         if x.shape[-1] == 3 and x.shape[1] != 3:
-            x = x.permute(0, 3, 1, 2)
+            x = x.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: torch's channels-last layout
         elif x.shape[1] != 3:
             raise ValueError(f"{self.name}: cannot find the RGB channel axis in shape {tuple(x.shape)}")
         if x.dtype == torch.uint8:
             scale = 255.0  # folded into the normalisation below (one pass fewer over the batch)
-            x = x.to(self.device, non_blocking=True).float()
         elif x.is_floating_point():  # already in [0, 1]
             scale = 1.0
             x = x.to(self.device, dtype=torch.float32)
         else:
             raise TypeError(f"{self.name}: expected uint8 (0-255) or float (0-1) images, got {x.dtype}")
+        size = self.resize_to(*x.shape[-2:])
+        if size is not None:
+            x = _resize(x, size, self.interpolation, self.device)
         s = self.input_size
-        h, w = x.shape[-2:]
-        if (h, w) != (s, s):
-            short = int(round(s / self.crop_pct))
-            if h <= w:
-                nh, nw = short, max(short, int(round(w * short / h)))
-            else:
-                nh, nw = max(short, int(round(h * short / w))), short
-            if (nh, nw) != (h, w):
-                x = _resize(x, (nh, nw), self.interpolation, hi=scale)
+        nh, nw = x.shape[-2:]
+        if (nh, nw) != (s, s):
             top, left = (nh - s) // 2, (nw - s) // 2
             x = x[..., top : top + s, left : left + s]
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * scale
-        inv_std = 1.0 / (torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * scale)
+        if x.dtype == torch.uint8:
+            x = x.to(self.device, non_blocking=True)
         # channels-last encoders get NHWC memory straight away (HWC tiles already are: no copies)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return ((x - mean) * inv_std).contiguous(memory_format=fmt)
+        cl = self.channels_last
+        y = x.to(torch.float32, memory_format=torch.channels_last if cl else torch.contiguous_format)
+        # normalised in place in one pass, x * (1/std) + (-mean/std), along the memory's own
+        # channel axis (the NHWC view: a broadcast over the last axis is the cheap one)
+        v, shape = (y.permute(0, 2, 3, 1), (3,)) if cl else (y, (1, 3, 1, 1))
+        inv_std = 1.0 / (torch.tensor(self.std, device=y.device) * scale)
+        shift = -torch.tensor(self.mean, device=y.device) * scale * inv_std
+        torch.addcmul(shift.view(shape), v, inv_std.view(shape), out=v)
+        return y
+
+    def resize_to(self, h: int, w: int) -> tuple[int, int] | None:
+        """(height, width) an ``h x w`` image is resized to before the centre crop, or None
+        when it is used as it is (see :meth:`preprocess`)."""
+        s, short = self.input_size, int(round(self.input_size / self.crop_pct))
+        if (h, w) == (s, s) and self.crop_pct == 1.0:
+            return None
+        if h <= w:
+            nh, nw = short, max(short, int(round(w * short / h)))
+        else:
+            nh, nw = max(short, int(round(h * short / w))), short
+        return None if (nh, nw) == (h, w) else (nh, nw)
 
     # ------------------------------------------------------------------ inference
     def autocast(self):
@@ -190,20 +212,42 @@ class Encoder:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "crop_pct": self.crop_pct,
+            # uint8 tiles are resized as uint8 (rounded), as PIL / torchvision do; embeddings
+            # made before this (float resize) are recomputed
+            "resize_dtype": "uint8",
             "precision": self.precision,
             "weights_source": self.weights_source,
         }
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int], interpolation: str, hi: float = 1.0) -> torch.Tensor:
-    """Resize; bicubic overshoot is clamped back to the pixel range ``[0, hi]``."""
+def _resize(x: torch.Tensor, size: tuple[int, int], interpolation: str,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """Antialiased resize of a uint8 or float (``[0, 1]``) batch; bicubic overshoot is clamped
+    back to the pixel range.  uint8 stays uint8 (rounded): on CPU through torch's uint8
+    kernels, elsewhere (``device``: where the batch is resized) by :func:`_resize_rounded`."""
     mode = interpolation.lower()
-    if mode in ("bilinear", "bicubic"):
-        out = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
-        return out.clamp_(0.0, hi)
-    if mode in ("area", "nearest", "nearest-exact"):
-        return F.interpolate(x, size=size, mode=mode)
-    raise ValueError(f"unsupported interpolation {interpolation!r}")
+    if mode not in ("bilinear", "bicubic", "area", "nearest", "nearest-exact"):
+        raise ValueError(f"unsupported interpolation {interpolation!r}")
+    if x.dtype != torch.uint8:
+        out = F.interpolate(x, size=size, mode=mode, **_aa(mode))
+        return out.clamp_(0.0, 1.0) if mode in ("bilinear", "bicubic") else out
+    dev = torch.device(device) if device is not None else x.device
+    if dev.type == "cpu" and mode != "area":  # uint8 in, uint8 out (rounded, clamped)
+        return F.interpolate(x, size=size, mode=mode, **_aa(mode))
+    return _resize_rounded(x.to(dev, non_blocking=True), size, mode)
+
+
+def _aa(mode: str) -> dict:
+    return dict(align_corners=False, antialias=True) if mode in ("bilinear", "bicubic") else {}
+
+
+def _resize_rounded(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """uint8 resize through float (devices without uint8 resize kernels, and ``area``):
+    rounded and clamped to uint8 as torch's CPU uint8 kernels and PIL do, so that a tile gives
+    the same pixels on every device within two grey levels (0.2 on average: those kernels use
+    fixed-point weights)."""
+    out = F.interpolate(x.float(), size=size, mode=mode, **_aa(mode))
+    return out.round_().clamp_(0.0, 255.0).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -226,7 +270,7 @@ def read_checkpoint(path: str | Path, encoder_name: str) -> dict[str, torch.Tens
             sd: Any = load_file(str(p), device="cpu")
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
+    except Exception as e:  # re-raised with context
         raise EncoderWeightsError(
             f"encoder {encoder_name!r}: could not read checkpoint {str(p)!r} "
             f"(only plain tensor state dicts / safetensors are accepted, loaded with "

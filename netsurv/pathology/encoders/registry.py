@@ -16,9 +16,10 @@ Nothing here downloads at import time; the network is only used for ``weights="h
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,7 +136,7 @@ _register(EncoderSpec(
     dim=1536,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
-    interpolation="bicubic",
+    interpolation="bilinear",  # model card (and TRIDENT): torchvision Resize(224), bilinear
     default_weights="hub",
     hub_id="hf-hub:MahmoodLab/UNI2-h",
     timm_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24,
@@ -305,7 +306,7 @@ def build_encoder(
         model = ClsMeanPatch(model)
     model = model.eval().requires_grad_(False).to(device)
     # channels_last helps CNNs on GPU and, at embedding batch sizes, on CPU too (oneDNN; lite0
-    # fp32 batch 64 on this 2-core box: 23.7 vs 14.1 img/s, identical embeddings); ViTs gain nothing
+    # fp32 batch 64, 2-core AVX2 CPU: 23.7 vs 14.1 img/s, identical embeddings); ViTs gain nothing
     channels_last = spec.kind == "cnn"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -373,7 +374,7 @@ def _create_from_hub(spec: EncoderSpec, kwargs: dict[str, Any]) -> nn.Module:
         raise EncoderWeightsError(f"encoder {spec.name!r} has no hub weights; pass weights='random' or a path")
     try:
         return timm.create_model(spec.hub_id, pretrained=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - network / auth / gating errors vary by version
+    except Exception as e:  # network / auth / gating errors vary by version; re-raised below
         gated = " The weights are gated: accept the licence on the model page, then run " \
                 "`huggingface-cli login` or set HF_TOKEN." if spec.gated else ""
         raise EncoderWeightsError(
