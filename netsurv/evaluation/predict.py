@@ -187,8 +187,9 @@ def _deep_risk(cfg: DictConfig, fitted: Fitted, inputs: CohortInputs) -> dict:
         from netsurv.training.bags import embedding_means
         from netsurv.training.offset import predict_offset
 
+        mods = list(st["modalities"]) + (["embeddings"] if st.get("probe") else [])
         ofr = {m: (embedding_means(inputs.bags, patients) if m == "embeddings"
-                   else inputs.frames[m]) for m in st["modalities"]}
+                   else inputs.frames[m]) for m in dict.fromkeys(mods)}
         offset = predict_offset(st, ofr, patients, inputs.meta)
     net = build_net(cfg, inp["dims"], int(inp["out_dim"]), offset=st is not None)
     net.load_state_dict(fitted.model["state_dict"])

@@ -38,8 +38,14 @@ from netsurv.evaluation import compare
 from netsurv.evaluation.inputs import acquisition_meta, modality_frames, require_inputs
 from netsurv.evaluation.records import RunData, SplitFit, SplitRecords, config_hash, split_key
 from netsurv.survival.losses import canonical_loss
-from netsurv.survival.metrics import (MetricError, bootstrap_ci, harrell_cindex, mean_ci, td_auc,
-                                      uno_cindex)
+from netsurv.survival.metrics import (
+    MetricError,
+    bootstrap_ci,
+    harrell_cindex,
+    mean_ci,
+    td_auc,
+    uno_cindex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +207,11 @@ def split_record(data: RunData, split, fit: SplitFit, key: str) -> dict:
         warnings.warn(f"split {split.name}: time-dependent metrics skipped ({exc})", UserWarning)
     if data.truth is not None:
         m["oracle_cindex"] = harrell_cindex(tt, et, data.truth[te])
-    if fit.info.get("best_val_cindex") is not None:
-        m["val_cindex"] = fit.info["best_val_cindex"]
+    # the inner-validation C the model was chosen on: the best epoch's validation C
+    # (optim.inner_folds=0) or the chosen model's pooled out-of-fold C (inner folds)
+    val = fit.info.get("best_val_cindex", fit.info.get("best_inner_cindex"))
+    if val is not None:
+        m["val_cindex"] = float(val)
     brier, curves = compare.brier_metrics(data, split, fit)  # ibs, ibs_null: one grid
     m.update(brier)
     tables = dict(fit.tables)

@@ -21,7 +21,17 @@ modalities gets 0 (the mean) and the network alone speaks for them.
 ``offset.modalities``: ``auto`` (default: the run's feature tables, or for a slides-only run
 the linear probe), ``tabular`` (the run's feature tables: clinical, radiomics, pathomics),
 ``tabular+embeddings`` (and the mean tile embedding per patient, the linear probe, when the run
-has slides), ``embeddings`` or ``none``.
+has slides: one elastic-net Cox on both, early fusion), ``embeddings`` or ``none``.
+
+Stacked linear probe (``auto`` on a run with feature tables *and* slides, ``offset.probe_p``):
+the linear probe is fitted and cross-fitted like the tabular model, and the two cross-fitted
+linear predictors of the training patients enter a two-covariate Cox model (lifelines).  The
+probe joins the offset, as ``a * tabular + b * probe``, only when that model's likelihood-ratio
+test against the tabular predictor alone gives ``p < probe_p`` with ``b > 0``; patients without
+slides get probe 0 (the training mean).  One extra coefficient fitted on out-of-fold
+predictions overfits far less than early fusion of a 1,280-column table with four clinical
+variables (on the 83-patient demo that fusion scored 0.60 vs 0.70 for clinical alone), and the
+test decides per split whether the slides add anything at all.
 """
 from __future__ import annotations
 
@@ -64,6 +74,7 @@ class ClassicalOffset:
     center: float
     info: dict = field(default_factory=dict)
     fallback: dict | None = None  # the clinical-only model of patients lacking a modality
+    probe: dict | None = None     # the stacked linear probe (part + weights) when it was used
 
     def state(self) -> dict:
         """What a saved model keeps to recompute the offset of new patients."""
@@ -76,8 +87,12 @@ class ClassicalOffset:
         if self.fallback is not None:
             fb = {"modalities": ["clinical"], "pipe": strip(self.fallback["pipe"]),
                   "center": self.fallback["center"]}
+        pr = None
+        if self.probe is not None:
+            pr = {"modalities": ["embeddings"], "pipe": strip(self.probe["pipe"]),
+                  "center": self.probe["center"], "weights": list(self.probe["weights"])}
         return {"name": self.name, "modalities": list(self.modalities),
-                "pipe": strip(self.pipe), "center": self.center, "fallback": fb}
+                "pipe": strip(self.pipe), "center": self.center, "fallback": fb, "probe": pr}
 
 
 def offset_frames(data, mods) -> dict[str, pd.DataFrame]:
@@ -166,9 +181,74 @@ def fit_offset(data, split) -> ClassicalOffset | None:
             values[use] = fallback["values"][use]
             info["fallback"] = dict(fallback["info"], patients=int(use.sum()))
     values = np.where(np.isfinite(values), values, 0.0)
+    probe = None
+    if wants_probe(data.cfg):
+        probe = _stacked_probe(data, split, values)
+        if probe is not None:
+            info["probe"] = probe["info"]
+            if probe["info"]["used"]:
+                a, b = probe["weights"]
+                values = a * values + b * probe["values"]
+            else:
+                probe = None
     return ClassicalOffset(name=main["name"], modalities=mods, pipe=main["pipe"],
                            full=main["full"], values=values, center=main["center"], info=info,
-                           fallback=fallback)
+                           fallback=fallback, probe=probe)
+
+
+def wants_probe(cfg) -> bool:
+    """``offset.modalities=auto`` on a run with feature tables and slides, ``probe_p`` set."""
+    o = cfg.get("offset") or {}
+    return (str(o.get("modalities", "none")) == "auto" and o.get("probe_p") is not None
+            and "wsi" in cfg.modalities and any(m != "wsi" for m in cfg.modalities))
+
+
+def _stacked_probe(data, split, values) -> dict | None:
+    """The linear probe of one split, fitted and cross-fitted as the tabular model, and the
+    stacking test on the training patients (module docstring); None when it cannot be fitted."""
+    frames = offset_frames(data, ["embeddings"])
+    try:
+        part = _fit_part(data, split, ["embeddings"], frames)
+    except Exception as exc:  # noqa: BLE001 - the tabular offset alone is still the model
+        warnings.warn(f"split {split.name}: linear probe for the offset not fitted "
+                      f"({type(exc).__name__}: {exc}); the offset is the tabular model alone",
+                      UserWarning)
+        return None
+    probe = np.where(np.isfinite(part["values"]), part["values"], 0.0)
+    tr = np.asarray(split.train)
+    p_max = float(data.cfg.offset.probe_p)
+    test = stack_test(values[tr], probe[tr], data.time[tr], data.event[tr].astype(int))
+    used = test is not None and test["p"] < p_max and test["weights"][1] > 0
+    info = {"name": part["name"], "probe_p": p_max, "used": bool(used),
+            **(part["info"].get("crossfit_cindex_train") is not None
+               and {"crossfit_cindex_train": part["info"]["crossfit_cindex_train"]} or {}),
+            **({"lr_p": test["p"], "weights": list(test["weights"])} if test else
+               {"lr_p": None, "weights": None})}
+    return {"pipe": part["pipe"], "center": part["center"], "values": probe,
+            "weights": test["weights"] if test else None, "info": info}
+
+
+def stack_test(main, probe, time, event) -> dict | None:
+    """Cox model of ``time, event`` on the two predictors ``main`` and ``probe`` (lifelines,
+    unpenalised): its coefficients and the likelihood-ratio p-value of adding ``probe`` to
+    ``main`` alone; None when either fit fails (e.g. a constant probe)."""
+    from lifelines import CoxPHFitter
+    from scipy.stats import chi2
+
+    df = pd.DataFrame({"main": np.asarray(main, float), "probe": np.asarray(probe, float),
+                       "T": np.asarray(time, float), "E": np.asarray(event, int)})
+    if df["probe"].std() == 0 or df["main"].std() == 0:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            both = CoxPHFitter().fit(df, "T", "E")
+            one = CoxPHFitter().fit(df[["main", "T", "E"]], "T", "E")
+    except Exception:  # noqa: BLE001 - lifelines' convergence errors: no stacking
+        return None
+    lr = max(0.0, 2.0 * (both.log_likelihood_ - one.log_likelihood_))
+    return {"weights": (float(both.params_["main"]), float(both.params_["probe"])),
+            "p": float(chi2.sf(lr, 1)), "lr": float(lr)}
 
 
 def _cross_fit(pipe, frames, time, event, folds: int, seed: int) -> np.ndarray:
@@ -195,6 +275,12 @@ def predict_offset(state: dict, frames: dict[str, pd.DataFrame], patients, meta=
     else 0."""
     out = pd.Series(0.0, index=list(patients))
     done: set = set()
+    pr = state.get("probe")
+    if pr is not None:  # stacked linear probe: a * tabular + b * probe (0 without slides)
+        probe = predict_offset({**pr, "fallback": None}, frames, patients, meta)
+        main = predict_offset({**state, "probe": None}, frames, patients, meta)
+        a, b = pr["weights"]
+        return a * main + b * probe
     for part in (state, state.get("fallback")):
         if part is None:
             continue

@@ -62,6 +62,12 @@ def test_every_experiment_runs_one_fast_step(tiny, tmp_path, experiment):
         # inner search (a warning; the clinical-only offset, or none without clinical)
         assert got == [want] or ("radiomics" in want and got == [
             ["clinical"] if "clinical" in want else None])
+        assert "val_cindex" in metrics  # what hparams_search=optuna optimises (inner folds too)
+        if "wsi" in cfg.modalities and want != ["embeddings"] and got == [want]:
+            for t in metrics["training"].values():  # the stacked linear probe was tested
+                pr = t["offset"]["probe"]
+                assert pr["probe_p"] == 0.05 and isinstance(pr["used"], bool)
+                assert pr["lr_p"] is None or 0.0 <= pr["lr_p"] <= 1.0
 
 
 def test_missing_modalities_train_and_predict(tiny, tmp_path):

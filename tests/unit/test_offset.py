@@ -4,7 +4,6 @@ cross-fitting against a manual refit, offsets of new patients, the offset's moda
 mean tile embeddings (the linear-probe table) and the bag store's in-memory cache."""
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,8 +17,7 @@ from netsurv.models.fusion import EarlyFusion, SurvivalNet, TabularMLP
 from netsurv.survival.coxnet import CoxNet
 from netsurv.training.bags import Bag, BagStore, embedding_means
 from netsurv.training.datamodule import PatientDataset, collate_patients
-from netsurv.training.offset import (CHOICES, _cross_fit, offset_modalities,
-                                     predict_offset)
+from netsurv.training.offset import CHOICES, _cross_fit, offset_modalities, predict_offset
 
 DIMS = {"clinical": 5, "radiomics": 3}
 
@@ -121,7 +119,7 @@ def test_offset_dtype_follows_the_network():
 def test_network_without_offset_has_no_offset_parameters():
     torch.manual_seed(0)
     branches = {m: TabularMLP(d, dim=6) for m, d in DIMS.items()}
-    net = SurvivalNet(branches, EarlyFusion({m: 6 for m in DIMS}, out_dim=1))
+    net = SurvivalNet(branches, EarlyFusion(dict.fromkeys(DIMS, 6), out_dim=1))
     assert not any("offset" in n for n, _ in net.named_parameters())
 
 
@@ -473,3 +471,85 @@ def test_embedding_means_of_a_disk_store(store_files):
     for p in got.index:
         np.testing.assert_allclose(got.loc[p].to_numpy(), want[p].astype(np.float64).mean(0),
                                    rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- stacked probe
+def _partial_loglik(time, event, lp):
+    """Cox partial log-likelihood without ties (written out, independent of lifelines)."""
+    order = np.argsort(-time)
+    lp_sorted, ev_sorted = lp[order], event[order]
+    log_risk_set = np.logaddexp.accumulate(lp_sorted)   # log sum exp over t_j >= t_i
+    return float(np.sum(ev_sorted * (lp_sorted - log_risk_set)))
+
+
+def _stack_data(effect, n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    main, probe = rng.normal(size=n), rng.normal(size=n)
+    t_ev = rng.exponential(np.exp(-(0.9 * main + effect * probe)))
+    t_c = rng.exponential(1.5, n)
+    return main, probe, np.minimum(t_ev, t_c), (t_ev <= t_c).astype(int)
+
+
+def test_stack_test_coefficients_and_likelihood_ratio_against_independent_fits():
+    from scipy.stats import chi2
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+    from sksurv.util import Surv
+
+    from netsurv.training.offset import stack_test
+
+    main, probe, time, event = _stack_data(effect=0.6)
+    got = stack_test(main, probe, time, event)
+    y = Surv.from_arrays(event.astype(bool), time)
+    both = CoxPHSurvivalAnalysis(alpha=0).fit(np.c_[main, probe], y)
+    one = CoxPHSurvivalAnalysis(alpha=0).fit(main[:, None], y)
+    np.testing.assert_allclose(got["weights"], both.coef_, atol=1e-4)
+    lr = 2 * (_partial_loglik(time, event, np.c_[main, probe] @ both.coef_)
+              - _partial_loglik(time, event, main * one.coef_[0]))
+    assert got["lr"] == pytest.approx(lr, abs=1e-4)
+    assert got["p"] == pytest.approx(chi2.sf(lr, 1), rel=1e-3) and got["p"] < 1e-4
+    assert 0.4 < got["weights"][1] < 0.8
+
+
+def test_stack_test_finds_nothing_in_a_probe_without_signal():
+    from netsurv.training.offset import stack_test
+
+    main, probe, time, event = _stack_data(effect=0.0, seed=1)
+    got = stack_test(main, probe, time, event)
+    assert got["p"] > 0.05 and abs(got["weights"][1]) < 0.2
+    assert stack_test(main, np.zeros_like(main), time, event) is None   # constant probe
+
+
+def test_wants_probe_only_for_auto_runs_with_tables_and_slides():
+    from netsurv.training.offset import wants_probe
+
+    def cfg(mods, choice="auto", p=0.05):
+        return OmegaConf.create({"modalities": mods, "offset": {"modalities": choice,
+                                                                "probe_p": p}})
+    assert wants_probe(cfg(["clinical", "wsi"]))
+    assert wants_probe(cfg(["clinical", "radiomics", "wsi"]))
+    assert not wants_probe(cfg(["wsi"]))                  # slides only: the probe is the offset
+    assert not wants_probe(cfg(["clinical", "radiomics"]))
+    assert not wants_probe(cfg(["clinical", "wsi"], choice="tabular"))
+    assert not wants_probe(cfg(["clinical", "wsi"], p=None))
+
+
+def test_predict_offset_with_a_stacked_probe():
+    """a * tabular + b * probe; patients without slides get probe 0 (the training mean)."""
+    df, time, event = _clinical()
+    ids = list(df.index)
+    emb = _emb_frame(ids)
+    pipe = _pipe().fit({"clinical": df}, time, event)
+    probe = ClassicalPipeline(imaging={"embeddings": ImagingBlock(None, corr_threshold=0.9)},
+                              model=CoxNet(l1_ratio=0.5, alpha=0.05), k="all")
+    probe.fit({"embeddings": emb}, time, event)
+    state = {"name": "coxnet", "modalities": ["clinical"], "pipe": pipe, "center": 0.1,
+             "fallback": None,
+             "probe": {"modalities": ["embeddings"], "pipe": probe, "center": -0.4,
+                       "weights": [0.9, 0.7]}}
+    frames = {"clinical": df.loc[ids[:12]], "embeddings": emb.loc[ids[4:12]]}
+    got = predict_offset(state, frames, ids[:12])
+    main = pipe.predict_risk({"clinical": df.loc[ids[:12]]}) - 0.1
+    pr = np.zeros(12)
+    pr[4:] = probe.predict_risk({"embeddings": emb.loc[ids[4:12]]}) + 0.4
+    assert np.abs(pr[4:]).max() > 1e-3
+    np.testing.assert_allclose(got, 0.9 * main + 0.7 * pr, rtol=0, atol=1e-12)
