@@ -32,8 +32,16 @@ import SimpleITK as sitk
 # benchmarks/radiomics.py would shadow pyradiomics' package; the test module holds the writers
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
-from test_dicom_masks import (PARAMS, VOL, MEAN, _asymmetric,  # noqa: E402
-                              contours_around_voxels, write_rtstruct, write_seg, write_series)
+from test_dicom_masks import (  # noqa: E402
+    MEAN,
+    PARAMS,
+    VOL,
+    _asymmetric,
+    contours_around_voxels,
+    write_rtstruct,
+    write_seg,
+    write_series,
+)
 
 from netsurv.cohort.demo_ct import write_demo_ct  # noqa: E402
 from netsurv.radiology import radiomics as R  # noqa: E402
@@ -119,13 +127,13 @@ def main():
                       f"{feats[MEAN] - ref[MEAN]:>+9.2f}{int((got & ~t).sum()):>7}"
                       f"{int((~got & t).sum()):>7}{sec:>7.2f}")
             hu = sitk.GetArrayFromImage(img).astype(float)
+            fills = (("rt-utils reader",
+                      lambda f, d=d, sops=sops: rt_utils_fill(d / "series", f, sops)),
+                     ("skimage polygon2mask",
+                      lambda f, img=img, shape=t.shape: skimage_fill(img, f, shape)),
+                     ("plastimatch", lambda f, d=d: plastimatch_fill(d / "series", f, d)))
             for name in ("RTSTRUCT (rt-utils)", "RTSTRUCT (around)"):
-                for who, fill in (("rt-utils reader", lambda f: rt_utils_fill(d / "series", f,
-                                                                             sops)),
-                                  ("skimage polygon2mask", lambda f: skimage_fill(img, f,
-                                                                                  t.shape)),
-                                  ("plastimatch", lambda f: plastimatch_fill(d / "series", f,
-                                                                             d))):
+                for who, fill in fills:
                     got = fill(files[name])
                     if got is None:
                         others.append((scanner, name, who, None))

@@ -165,7 +165,7 @@ def main(argv=None):
         # 2. JPEG decode of the file tiles under the tissue tiles (level 0, 256 px tiles)
         print("JPEG decode:", flush=True)
         readers, wanted = [], []
-        for s, c in coords.items():
+        for c in coords.values():
             ds = TileDataset(c)
             rd = RawTileReader(ds.slide_path)
             tw, th = rd.tile_size(0)
@@ -210,7 +210,7 @@ def main(argv=None):
             batch = enc.preprocess(np.concatenate([x_tiles] * reps)[:bs])
             k = 2 if dry else max(2, min(20, n_tiles // bs))
 
-            def model_only():
+            def model_only(enc=enc, batch=batch, k=k):
                 with torch.inference_mode():
                     for _ in range(k):
                         enc(batch)
@@ -218,7 +218,7 @@ def main(argv=None):
             t_m, _ = timed(model_only, device, repeats)
             out = td / f"emb-{name}"
 
-            def pipeline():
+            def pipeline(enc=enc, bs=bs, out=out):
                 import shutil
 
                 shutil.rmtree(out, ignore_errors=True)
@@ -234,7 +234,7 @@ def main(argv=None):
             row(f"{name}: model only ({enc.precision})", ips_m, "images/s")
             row(f"{name}: pipeline end to end", ips_p, "images/s",
                 f"ratio {ips_p / ips_m:.3f}")
-            del enc, batch
+            del enc, batch, model_only, pipeline  # the defaults hold the encoder too
             if not dry:
                 torch.cuda.empty_cache()
 

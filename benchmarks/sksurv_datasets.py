@@ -117,7 +117,7 @@ def main():
             for label, exp, cols, mods in runs:
                 m, pred = ours(Path(tmp) / name, exp, num, cat, args.seeds, mods)
                 ref = []
-                for split, g in pred.groupby("split", sort=False):
+                for _split, g in pred.groupby("split", sort=False):
                     pos = {p: i for i, p in enumerate(ids)}
                     tr = np.array([pos[p] for p in g[g.role == "train"].patient_id])
                     te = np.array([pos[p] for p in g[g.role == "test"].patient_id])

@@ -174,7 +174,8 @@ def main() -> None:
         print(f"\nthroughput, {n} tiles of {ps}x{ps} px (best of {r}, interleaved); "
               "tiles/s by wall clock and by this process's CPU time:")
         for k, (w, c) in figs.items():
-            note = "" if not any(w in k for w in ("1 worker", "2 workers", "2 threads")) else "  (CPU: main process only)"
+            main_only = any(w in k for w in ("1 worker", "2 workers", "2 threads"))
+            note = "  (CPU: main process only)" if main_only else ""
             print(f"  {k:48s} wall {w:7.0f}   cpu {c:7.0f}{note}")
 
         # naive vs dataset alternating tile by tile: both see the same load and cache state

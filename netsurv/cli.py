@@ -34,7 +34,8 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["USER_ERRORS", "UserError", "find_user_error", "handle_user_error", "run_plain",
            "user_errors"]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -85,9 +86,10 @@ def trainer_kwargs(trainer_cfg: DictConfig | dict) -> dict[str, Any]:
     would otherwise count 1 CPU or all GPUs), else Lightning's auto; ``num_nodes: auto`` -> the
     launcher's node count, else 1.  The cluster environment is the one netsurv.distributed
     takes the ranks from (torchrun's wins, also inside an sbatch allocation).  Under SLURM,
-    Lightning's own requeue on SIGUSR1 is turned off: the launcher requeues the whole job (submitit, USR2) and the runner resumes it; two
-    requeue mechanisms would race, and Lightning's HPC checkpoint of one split would be restored
-    into the next split's Trainer (they share ``default_root_dir``)."""
+    Lightning's own requeue on SIGUSR1 is turned off: the launcher requeues the whole job
+    (submitit, USR2) and the runner resumes it; two requeue mechanisms would race, and
+    Lightning's HPC checkpoint of one split would be restored into the next split's Trainer
+    (they share ``default_root_dir``)."""
     kw = (OmegaConf.to_container(trainer_cfg, resolve=True) if OmegaConf.is_config(trainer_cfg)
           else dict(trainer_cfg))
     kw.pop("_target_", None)
@@ -125,9 +127,11 @@ def _refuse_script_relaunch(trainer) -> None:
     re-executed command line is the whole sweep again (a second multirun folder).  torchrun and
     SLURM start all ranks at the beginning, which is what the runner needs."""
     from lightning.fabric.strategies.launchers.subprocess_script import (
-        _SubprocessScriptLauncher as FabricLauncher)
+        _SubprocessScriptLauncher as FabricLauncher,
+    )
     from lightning.pytorch.strategies.launchers.subprocess_script import (
-        _SubprocessScriptLauncher as PLLauncher)
+        _SubprocessScriptLauncher as PLLauncher,
+    )
 
     strategy = trainer.strategy
     launcher = getattr(strategy, "launcher", None)
@@ -212,7 +216,7 @@ def fit_resources(params: dict, trainer_cfg) -> dict:
     tasks = int(params.get("tasks_per_node") or 1)
     nodes = int(params.get("nodes") or 1)
     strategy = str(t.get("strategy", "auto"))
-    ddp = strategy.startswith("ddp") or strategy.startswith("fsdp") or strategy == "deepspeed"
+    ddp = strategy.startswith(("ddp", "fsdp")) or strategy == "deepspeed"
     if ddp and devices is not None and devices != tasks:
         raise LaunchError(
             f"trainer.devices={devices} but hydra.launcher.tasks_per_node={tasks}: under SLURM "
@@ -294,7 +298,6 @@ class SweepJobsMixin:
     def make_executor(self, params: dict):
         """submitit's executor for the launcher's parameters (as Hydra's launcher builds it)."""
         import submitit
-
         from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
         executor = submitit.AutoExecutor(

@@ -2,15 +2,15 @@
 
 glibc's malloc serves blocks above a (dynamic, at most 32 MiB) threshold with ``mmap`` and
 unmaps them on ``free``.  CPU inference and training allocate activations of tens to hundreds
-of MiB per batch, so every batch page-faults its memory in afresh: on this 2-core box the
-EfficientNet-Lite0 embedding ran 29 img/s with as much system time as user time (18 M minor
-faults for 192 tiles x 3 passes), and 65 img/s once freed memory stayed in the heap
-(``benchmarks/embed.py``).  PyTorch has no caching allocator on the CPU and glibc only reads
-its ``MALLOC_*`` environment variables at start-up, so :func:`keep_freed_memory` sets the same
-options with ``mallopt`` at run time.  The cost: the process keeps its peak heap instead of
-returning freed memory to the system, so it is applied around the embedding loop only (the
-demo's main job peaked at 12.7 GB RSS with it process-wide, 4.9 GB without).  Within the
-loop the heap stays bounded because the cohort pipeline
+of MiB per batch, so every batch page-faults its memory in afresh.  Measured with
+``benchmarks/embed.py`` on a 2-core CPU, the EfficientNet-Lite0 embedding ran 29 img/s with as
+much system time as user time (18 M minor faults for 192 tiles x 3 passes), and 65 img/s once
+freed memory stayed in the heap.  PyTorch has no caching allocator on the CPU and glibc only
+reads its ``MALLOC_*`` environment variables at start-up, so :func:`keep_freed_memory` sets the
+same options with ``mallopt`` at run time.  The cost: the process keeps its peak heap instead of
+returning freed memory to the system, so it is applied around the embedding loop only (on the
+same 2-core CPU the demo's main job peaked at 12.7 GB RSS with it process-wide, 4.9 GB
+without).  Within the loop the heap stays bounded because the cohort pipeline
 (:class:`netsurv.pathology.embed.CohortEmbedder`) runs every batch at one shape: the blocks
 freed by a batch are exactly those the next one asks for, so the heap stops growing after a
 few batches and is returned once, at the end of the job.  Trimming after each slide (what the
@@ -69,10 +69,10 @@ def keep_freed_memory():
 def release_free_memory() -> None:
     """Give the heap's free pages back to the system now (``malloc_trim``); called after each
     slide by the per-slide loop (``embed.num_workers > 0``) so that batches of changing sizes
-    cannot pile up fragmentation over a cohort while mmap is off.  Demo cohort, per-slide loop
-    (7,397 tiles): 173 s / 11.6 GB peak RSS without it, 311 s / 5.6 GB with it, 359 s with
-    glibc's defaults; the gain grows with tiles per slide (one 574-tile slide: 29 -> 65 img/s
-    model-only)."""
+    cannot pile up fragmentation over a cohort while mmap is off.  Measured on a 2-core CPU,
+    demo cohort, per-slide loop (7,397 tiles): 173 s / 11.6 GB peak RSS without it, 311 s /
+    5.6 GB with it, 359 s with glibc's defaults; the gain grows with tiles per slide (one
+    574-tile slide: 29 -> 65 img/s model-only)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -5,8 +5,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from netsurv.cli import run_plain  # noqa: E402
-from netsurv.report.html import write_report  # noqa: E402
+from netsurv.cli import run_plain
+from netsurv.report.html import write_report
 
 
 def main():

@@ -153,7 +153,7 @@ def _single_thread_blas():
         try:
             from threadpoolctl import ThreadpoolController
             _BLAS_CONTROLLER = ThreadpoolController()
-        except Exception:  # pragma: no cover - optional dependency
+        except Exception:  # noqa: BLE001 - optional dependency, no BLAS limit  # pragma: no cover
             _BLAS_CONTROLLER = False
     if _BLAS_CONTROLLER is False:
         return contextlib.nullcontext()

@@ -813,7 +813,7 @@ def write_demo_slide(path, *, rng: np.random.Generator, density_z: float, size_z
     lvl1 = np.empty((sl.Hp // 4, sl.Wp // 4, 3), np.uint8) if len(downs) > 1 else None
     ntx = -(-W // TILE)
 
-    def tiles():  # row-major tile order, as tifffile expects
+    def tiles(lvl1):  # row-major tile order, as tifffile expects; fills lvl1 on the way
         for s0, rgb in sl.strips():
             if lvl1 is not None:
                 lvl1[s0 // 4:(s0 + len(rgb)) // 4] = _block_mean4(rgb)
@@ -836,7 +836,7 @@ def write_demo_slide(path, *, rng: np.random.Generator, density_z: float, size_z
             mag = int(round(10.0 / mpp))  # 20x at 0.5 µm/px, 40x at 0.25
             extra["description"] = (f"Aperio Image Library v12.0.15\r\n{W}x{H} [0,0 {W}x{H}] "
                                     f"(256x256) JPEG Q={JPEG_Q}|AppMag = {mag}|MPP = {mpp}")
-        tw.write(tiles(), shape=(H, W, 3), dtype=np.uint8, **common, **resolution(1), **extra)
+        tw.write(tiles(lvl1), shape=(H, W, 3), dtype=np.uint8, **common, **resolution(1), **extra)
         prev = lvl1
         for li, d in enumerate(downs[1:], start=1):
             if li > 1:

@@ -28,9 +28,17 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from netsurv.evaluation.records import RunData, SplitFit
-from netsurv.survival.metrics import (MetricError, bootstrap_ci, brier_curve, combine_paired,
-                                      default_eval_times, harrell_cindex, integrated_brier,
-                                      km_null_survival, paired_bootstrap)
+from netsurv.survival.metrics import (
+    MetricError,
+    bootstrap_ci,
+    brier_curve,
+    combine_paired,
+    default_eval_times,
+    harrell_cindex,
+    integrated_brier,
+    km_null_survival,
+    paired_bootstrap,
+)
 
 log = logging.getLogger(__name__)
 

@@ -92,7 +92,7 @@ def eval_batch_sampler(cfg: DictConfig, bags):
 
     def batches(ds, positions):
         sizes = ds.tile_counts()
-        mine = set(int(i) for i in positions)
+        mine = {int(i) for i in positions}
         order = [i for i in size_order(sizes) if i in mine]
         return TileBudgetBatchSampler(order, sizes, int(budget), max_batch=max_batch)
     return batches
@@ -301,7 +301,7 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
     else:
         pred = module.predict_loader(loader)
     module.to("cpu")
-    test_pos = set(int(j) for j in te)
+    test_pos = {int(j) for j in te}
     attn = None
     if pred["attention"] is not None:  # keep the test patients' tile attention only
         attn = {int(p): a for p, a in zip(pred["pos"], pred["attention"]) if int(p) in test_pos}

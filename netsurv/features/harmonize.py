@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
+
 from .select import _names, _numeric_frame
 
 # sva/neuroCombat stopping rule of the parametric EB iteration (relative change of gamma/delta)

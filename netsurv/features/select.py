@@ -38,7 +38,7 @@ def as_time_event(y, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("survival selectors need y = (time, event)")
     if isinstance(y, np.ndarray) and y.dtype.names:
         names = y.dtype.names
-        ev = [f for f in names if y.dtype[f] == bool]
+        ev = [f for f in names if y.dtype[f].kind == "b"]
         if len(names) != 2 or len(ev) != 1:
             raise ValueError("structured y must have one bool event field and one time field")
         time = y[[f for f in names if f != ev[0]][0]]

@@ -12,7 +12,6 @@ are GPL / non-commercial or assume batch size 1 without padding masks (see
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -552,7 +552,7 @@ def tile_one_slide(path, h5, params: dict, *, slide_id: str, mpp_override=None,
 
     from .tissue import save_failure_qc, save_qc
 
-    rec = {k: None for k in RECORD_COLUMNS}
+    rec = dict.fromkeys(RECORD_COLUMNS)
     rec.update(status="failed", n_tiles=0)
     slide = None
     tm = None
@@ -599,7 +599,7 @@ def coords_record(h5) -> dict:
     """The index record of a slide tiled before (from its coords file's attributes)."""
     import h5py
 
-    rec = {k: None for k in RECORD_COLUMNS}
+    rec = dict.fromkeys(RECORD_COLUMNS)
     with h5py.File(h5, "r") as f:
         a = f.attrs
         n = int(f["coords"].shape[0])

@@ -95,7 +95,7 @@ class TissueParams:
     min_hole_um2: float = 2000.0
 
     @classmethod
-    def from_any(cls, p) -> "TissueParams":
+    def from_any(cls, p) -> TissueParams:
         if p is None:
             return cls()
         if isinstance(p, cls):

@@ -47,7 +47,7 @@ def dicom_mask_kind(path) -> str | None:
 
     try:
         ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception as exc:  # noqa: BLE001 - pydicom raises several types on broken files
+    except Exception as exc:  # pydicom raises several types on broken files
         raise VolumeError(f"{p}: mask looks like a DICOM file but cannot be read "
                           f"({type(exc).__name__}: {exc})") from exc
     uid = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
@@ -262,7 +262,7 @@ def _seg(path: Path, series: Series, roi, image: sitk.Image):
 
     try:
         seg = hd.seg.segread(path)
-    except Exception as exc:  # noqa: BLE001 - highdicom validates the file as it reads it
+    except Exception as exc:  # highdicom validates the file as it reads it
         raise VolumeError(f"{path}: cannot be read as a DICOM SEG ({type(exc).__name__}: "
                           f"{exc})") from exc
     ref_series = {str(s.SeriesInstanceUID) for s in seg.get("ReferencedSeriesSequence", [])}

@@ -168,7 +168,7 @@ def _job(args) -> dict:
                                                                     roi)
     except VolumeError as exc:
         res["error_type"], res["error"] = type(exc).__name__, str(exc)
-    except Exception as exc:  # pyradiomics raises bare ValueError/RuntimeError on odd ROIs
+    except Exception as exc:  # noqa: BLE001 - pyradiomics raises bare ValueError/RuntimeError on odd ROIs
         res["error_type"], res["error"] = type(exc).__name__, f"{image}: {type(exc).__name__}: {exc}"
     res["seconds"] = time.perf_counter() - t0
     return res
@@ -201,8 +201,16 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
     that have reading notes (``status`` = ``noted``); per-case results live in
     ``out_dir/cases/``.  On several ranks every rank returns the whole cohort's tables.
     """
-    from netsurv.stages import (ItemLocks, clean_stale_temps, gather, json_map, rank_zero,
-                                shard, stage_env, write_csv)
+    from netsurv.stages import (
+        ItemLocks,
+        clean_stale_temps,
+        gather,
+        json_map,
+        rank_zero,
+        shard,
+        stage_env,
+        write_csv,
+    )
 
     out_dir = Path(out_dir)
     cases_dir = out_dir / "cases"

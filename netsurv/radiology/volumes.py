@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .grid import VolumeError, geometry, geometry_mismatch  # noqa: F401 - also imported from here
-
+from .grid import VolumeError, geometry, geometry_mismatch  # also imported from here
 
 ROLE_FIX = {
     "image": "replace them with a valid intensity (e.g. -1024 HU, air) or leave the case out of "

@@ -247,7 +247,7 @@ def stored_brier_curves(rd: RunData):
         t = d.time.to_numpy(float)
         b = d["model"].to_numpy(float) if "model" in d else np.full(len(t), np.nan)
         bn = d["null"].to_numpy(float)
-        integ = (lambda v: float(np.trapezoid(v, t) / (t[-1] - t[0]))) if len(t) > 1 else None
+        integ = (lambda v, t=t: float(np.trapezoid(v, t) / (t[-1] - t[0]))) if len(t) > 1 else None
         out[s] = (t, b, bn, per.get(s, integ(b) if integ else np.nan),
                   per_null.get(s, integ(bn) if integ else np.nan))
     return out or None

@@ -20,16 +20,22 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#fafafa;color:#222}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#fafafa;
+color:#222}
 main{max-width:1120px;margin:0 auto;padding:18px 28px 60px;background:#fff}
-h1{font-size:1.5em;margin:.4em 0 .1em}h2{font-size:1.2em;border-bottom:2px solid #ddd;padding-bottom:3px;margin-top:1.8em}
+h1{font-size:1.5em;margin:.4em 0 .1em}
+h2{font-size:1.2em;border-bottom:2px solid #ddd;padding-bottom:3px;margin-top:1.8em}
 h3{font-size:1.0em;margin:1.2em 0 .3em}.sub{color:#666;font-size:.9em;margin:0 0 .8em}
-table{border-collapse:collapse;font-size:.85em;margin:.4em 0 .8em}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;font-size:.85em;margin:.4em 0 .8em}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.scroll{overflow-x:auto}
-figure{margin:.6em 0 1.2em;text-align:center}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:.8em;color:#555;margin-top:3px}.err{color:#a00;font-size:.85em;background:#fff4f4;padding:4px 8px;border-left:3px solid #a00}
+figure{margin:.6em 0 1.2em;text-align:center}
+figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.8em;color:#555;margin-top:3px}
+.err{color:#a00;font-size:.85em;background:#fff4f4;padding:4px 8px;border-left:3px solid #a00}
 .note{font-size:.85em;color:#555}pre{background:#f6f6f6;padding:8px;font-size:.75em;overflow-x:auto;max-height:520px}
-.grid2{display:grid;grid-template-columns:1fr 1fr;gap:10px;align-items:start}ul.warn li{font-size:.85em;font-family:monospace}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:10px;align-items:start}
+ul.warn li{font-size:.85em;font-family:monospace}
 nav a{margin-right:12px;font-size:.85em}table.kv td{text-align:left}
 """
 
@@ -118,7 +124,7 @@ def _metrics_section(m: dict | None) -> str:
     extra = _with_baseline(m)
     named = [(k, name, m.get(k)) for k, name in METRIC_NAMES.items()]
     named += [(k, name, v) for k, (name, v) in extra.items()]
-    for k, name, s in named:
+    for _k, name, s in named:
         if not isinstance(s, dict) or "mean" not in s:
             continue
         ci = s.get("ci95", [np.nan, np.nan])
@@ -133,7 +139,7 @@ def _metrics_section(m: dict | None) -> str:
     if splits:
         ph = "".join(f"<th>{_e(s)}</th>" for s in splits)
         pr = []
-        for k, name, s in named:
+        for _k, name, s in named:
             if not isinstance(s, dict) or "per_split" not in s:
                 continue
             cells = "".join(f"<td>{s['per_split'][sp]:.3f}</td>" if sp in s["per_split"]

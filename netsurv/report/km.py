@@ -52,7 +52,7 @@ def km_groups(pred: pd.DataFrame, n_groups: int = 2) -> pd.DataFrame:
     if missing:
         raise KeyError(f"prediction frame lacks column(s) {sorted(missing)}")
     out = []
-    for split, df in pred.groupby("split", sort=False):
+    for _split, df in pred.groupby("split", sort=False):
         tr = df[df.role == "train"]
         te = df[df.role == "test"].copy()
         if len(tr) == 0 or len(te) == 0:

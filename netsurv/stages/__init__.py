@@ -2,12 +2,35 @@
 radiomics, pathomics): atomic writes with per-process temp names, stale-temp cleanup, per-item
 locks, checksums verified on read, the cached (parallel) item loop with one failures schema,
 and the rank logic that lets every stage run on every rank of a torchrun / SLURM job."""
-from .cache import (CorruptCacheError, ItemLocks, VerifiedFiles, arrays_checksum, atomic_path,
-                    clean_stale_temps, discard, folder_lock, h5_attach_checksum, h5_checksum,
-                    merge_json, read_json, temp_path, verify_h5, write_csv, write_json, write_text)
+from .cache import (
+    CorruptCacheError,
+    ItemLocks,
+    VerifiedFiles,
+    arrays_checksum,
+    atomic_path,
+    clean_stale_temps,
+    discard,
+    folder_lock,
+    h5_attach_checksum,
+    h5_checksum,
+    merge_json,
+    read_json,
+    temp_path,
+    verify_h5,
+    write_csv,
+    write_json,
+    write_text,
+)
 from .ranks import StageRankError, gather, local_only, rank_zero, shard, stage_env
-from .runner import (FAILURE_COLUMNS, ItemFailed, Outcome, die_with_parent, json_map,
-                     process_pool, run_items)
+from .runner import (
+    FAILURE_COLUMNS,
+    ItemFailed,
+    Outcome,
+    die_with_parent,
+    json_map,
+    process_pool,
+    run_items,
+)
 
 __all__ = ["CorruptCacheError", "ItemLocks", "VerifiedFiles", "arrays_checksum", "atomic_path",
            "clean_stale_temps", "discard", "folder_lock", "h5_attach_checksum", "h5_checksum",

@@ -31,8 +31,8 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -332,7 +332,7 @@ def h5_checksum(f, names: Iterable[str]) -> str:
 def h5_attach_checksum(f, names: Iterable[str] | None = None) -> str:
     """Record the checksum of ``names`` (default: every dataset at the root) in the open
     (writable) file's attributes ``checksum`` and ``checksum_datasets`` (comma-separated)."""
-    names = sorted(k for k in f.keys() if hasattr(f[k], "dtype")) if names is None \
+    names = sorted(k for k in f if hasattr(f[k], "dtype")) if names is None \
         else list(names)
     c = h5_checksum(f, names)
     f.attrs["checksum"] = c

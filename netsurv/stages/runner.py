@@ -28,11 +28,12 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .cache import CorruptCacheError, ItemLocks, discard, read_json, write_json
 
@@ -291,7 +292,7 @@ def run_items(items: Sequence, *, key: Callable[[Any], str],
             elif busy and not moved:
                 time.sleep(poll)
     finally:
-        for fut, (i, lock, *_rest) in list(inflight.items()):
+        for fut, (_i, lock, *_rest) in list(inflight.items()):
             fut.cancel()
             lock.release()
         if pool[0] is not None:

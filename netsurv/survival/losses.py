@@ -212,7 +212,7 @@ class TimeBins:
         self.n_bins = n_bins
         self.scheme = scheme
 
-    def fit(self, time, event, n_bins: int | None = None) -> "TimeBins":
+    def fit(self, time, event, n_bins: int | None = None) -> TimeBins:
         if n_bins is not None:
             self.n_bins = n_bins
         if self.n_bins < 2:

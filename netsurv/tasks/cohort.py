@@ -17,7 +17,6 @@ def resolve_cohort(data_cfg: DictConfig, *, force: bool = False) -> Cohort:
     user_cohort = (root / "clinical.csv").is_file() and not (root / ".complete").is_file()
     if demo is not None and not user_cohort:
         from netsurv.cohort.demo import make_demo_cohort
-
         from netsurv.stages import rank_zero, stage_env
 
         kwargs = OmegaConf.to_container(demo, resolve=True)

@@ -30,9 +30,18 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from netsurv.stages import (FAILURE_COLUMNS as _CORE, ItemLocks, VerifiedFiles,
-                            clean_stale_temps, gather, rank_zero, run_items, stage_env,
-                            write_csv, write_text)
+from netsurv.stages import FAILURE_COLUMNS as _CORE
+from netsurv.stages import (
+    ItemLocks,
+    VerifiedFiles,
+    clean_stale_temps,
+    gather,
+    rank_zero,
+    run_items,
+    stage_env,
+    write_csv,
+    write_text,
+)
 from netsurv.stages import shard as _shard
 
 __all__ = ["shard_info", "shard", "embeddings_dir", "resolve_device", "embed_cohort", "run"]
@@ -93,8 +102,14 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
     ``cfg.encoder``.  Returns counts, ``out`` (the embeddings folder), ``index`` and
     ``failures`` (DataFrames over all slides, in the order of ``cohort``'s slides).
     """
-    from netsurv.pathology.embed import (CohortEmbedder, SlideJob, embed_slide,
-                                         embedded_tiles, encoder_attrs, storage_dtype)
+    from netsurv.pathology.embed import (
+        CohortEmbedder,
+        SlideJob,
+        embed_slide,
+        embedded_tiles,
+        encoder_attrs,
+        storage_dtype,
+    )
     from netsurv.pathology.encoders import build_encoder_from_config
     from netsurv.pathology.tiling import params_hash
     from netsurv.runtime import keep_freed_memory, release_free_memory

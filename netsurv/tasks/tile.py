@@ -26,9 +26,21 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from netsurv.stages import (CorruptCacheError, ItemFailed, ItemLocks, VerifiedFiles,
-                            clean_stale_temps, gather, rank_zero, run_items, shard, stage_env,
-                            verify_h5, write_csv, write_text)
+from netsurv.stages import (
+    CorruptCacheError,
+    ItemFailed,
+    ItemLocks,
+    VerifiedFiles,
+    clean_stale_temps,
+    gather,
+    rank_zero,
+    run_items,
+    shard,
+    stage_env,
+    verify_h5,
+    write_csv,
+    write_text,
+)
 
 __all__ = ["output_dir", "tile_cohort", "run", "coords_tiles"]
 
@@ -119,8 +131,12 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
 
     May be called on every rank of a job (each tiles its share); every rank returns the
     result of all slides, ``index`` in the order of ``slides``."""
-    from netsurv.pathology.tiling import (coords_record, normalise_params, params_hash,
-                                          tile_one_slide)
+    from netsurv.pathology.tiling import (
+        coords_record,
+        normalise_params,
+        params_hash,
+        tile_one_slide,
+    )
 
     params = normalise_params(params)
     phash = params_hash(params)

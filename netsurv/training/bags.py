@@ -230,7 +230,7 @@ def inspect_slide(root, slide_id: str) -> SlideFeatures:
             attrs, coords_shape = [], None
     except BagError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any reader error = unreadable file
+    except Exception as exc:  # any reader error = unreadable file
         raise BagError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     if len(shape) != 2:
         raise BagError(f"{path}: 'features' has shape {shape}, expected [N tiles, D]")
@@ -326,7 +326,7 @@ class StoredBag:
     """One patient's bag in a :class:`BagStore`: the same attributes as :class:`Bag`, read from
     disk when used (``features`` reads every tile; :meth:`read` the rows asked for)."""
 
-    def __init__(self, store: "BagStore", patient_id: str):
+    def __init__(self, store: BagStore, patient_id: str):
         self.store, self.patient_id = store, patient_id
         self._meta = None
 
@@ -489,7 +489,7 @@ class BagStore(Mapping):
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def build(cls, slides: pd.DataFrame, features_dir, patients=None, *,
-              check_finite: bool = True, cache_dir=None) -> tuple["BagStore", pd.DataFrame]:
+              check_finite: bool = True, cache_dir=None) -> tuple[BagStore, pd.DataFrame]:
         """Index the features of ``slides`` (``patient_id``, ``slide_id``) in ``features_dir``.
 
         Reads shapes and attributes of every slide; with ``check_finite`` also scans each

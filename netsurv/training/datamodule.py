@@ -31,8 +31,9 @@ def load_bags(slides: pd.DataFrame, emb_dir, patients) -> tuple[dict[str, Bag], 
     :class:`~netsurv.training.bags.BagStore` (tiles read on demand); this stays as the simple
     reference for small cohorts and tests.  Slides without an embedding file are left out with
     a warning naming them; a patient with none of their slides left has no WSI modality."""
-    import h5py
     from pathlib import Path
+
+    import h5py
 
     emb_dir = Path(emb_dir)
     bags, missing = {}, []

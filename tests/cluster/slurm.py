@@ -255,7 +255,7 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         """Stop the daemons this object started (slurmd first), nothing else."""
-        for name, pid in reversed(self.started):
+        for _name, pid in reversed(self.started):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:

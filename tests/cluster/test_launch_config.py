@@ -9,8 +9,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from netsurv.cluster import (LaunchError, auto_precision, check_trainer, fit_resources,
-                             make_trainer, trainer_kwargs)
+from netsurv.cluster import (
+    LaunchError,
+    auto_precision,
+    check_trainer,
+    fit_resources,
+    make_trainer,
+    trainer_kwargs,
+)
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 

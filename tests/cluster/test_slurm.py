@@ -3,8 +3,6 @@ the README's SLURM commands on a tiny demo cohort, failures, requeue."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time

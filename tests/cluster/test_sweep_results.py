@@ -126,7 +126,7 @@ def test_local_ddp_sweep_is_refused_before_any_work(clinical, tmp_path):
                   f"data.root={clinical}", "report=false"], tmp_path)
     assert res.returncode == 1
     assert "torchrun --nproc_per_node=2 scripts/train.py trainer=ddp" in res.stderr
-    (sweep,) = [d for d in (tmp_path / "multirun").iterdir()]  # one sweep folder
+    (sweep,) = list((tmp_path / "multirun").iterdir())  # one sweep folder
     csv = pd.read_csv(sweep / "results.csv")
     assert list(csv.status) == ["FAILED", "FAILED"]
     assert all(e.startswith("LaunchError: the trainer wants 2 DDP processes") for e in csv.error)

@@ -19,8 +19,13 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from netsurv.training import bags as bagmod
 from netsurv.training.bags import BagError, BagStore, attention_record, wsi_bag_store
-from netsurv.training.datamodule import (PatientDataset, TileBudgetBatchSampler,
-                                         collate_patients, load_bags, size_order)
+from netsurv.training.datamodule import (
+    PatientDataset,
+    TileBudgetBatchSampler,
+    collate_patients,
+    load_bags,
+    size_order,
+)
 
 PARAMS = {"patch_size": 256, "min_tissue_fraction": 0.25}
 

@@ -5,8 +5,13 @@ import pytest
 from sklearn.model_selection import RepeatedStratifiedKFold
 
 from netsurv.features.clinical import ClinicalEncoder
-from netsurv.models.classical import (ClassicalPipeline, ImagingBlock, inner_search, pooled_cindex,
-                                      take_rows)
+from netsurv.models.classical import (
+    ClassicalPipeline,
+    ImagingBlock,
+    inner_search,
+    pooled_cindex,
+    take_rows,
+)
 from netsurv.survival.coxnet import CoxNet
 from netsurv.survival.metrics import harrell_cindex
 

@@ -10,8 +10,14 @@ from omegaconf import OmegaConf
 
 from netsurv.evaluation import compare
 from netsurv.evaluation.records import SplitFit
-from netsurv.survival.metrics import (brier_curve, combine_paired, harrell_cindex,
-                                      integrated_brier, km_null_survival, paired_bootstrap)
+from netsurv.survival.metrics import (
+    brier_curve,
+    combine_paired,
+    harrell_cindex,
+    integrated_brier,
+    km_null_survival,
+    paired_bootstrap,
+)
 
 
 def _cohort(n=40, seed=0):

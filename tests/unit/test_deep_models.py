@@ -3,8 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from netsurv.models.fusion import (BilinearFusion, EarlyFusion, GatedAttentionFusion, LateFusion,
-                                   SurvivalNet, TabularMLP)
+from netsurv.models.fusion import (
+    BilinearFusion,
+    EarlyFusion,
+    GatedAttentionFusion,
+    LateFusion,
+    SurvivalNet,
+    TabularMLP,
+)
 from netsurv.models.mil import ABMIL, MaxPoolMIL, MeanPoolMIL, TransMIL, masked_softmax
 from netsurv.survival.losses import cox_ph_loss
 from netsurv.training.datamodule import PatientDataset, collate_patients
@@ -53,7 +59,9 @@ def test_abmil_attention_follows_the_informative_tile():
     for _ in range(200):
         z, a = net(x, mask)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(z)[:, 0], y)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     _, a = net(x, mask)
     assert a[y == 1].argmax(1).eq(3).float().mean() > 0.9
 

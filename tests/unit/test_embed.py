@@ -13,9 +13,15 @@ import pytest
 import torch
 
 from netsurv.cohort.demo_wsi import write_demo_slide
-from netsurv.pathology.embed import (embed_slide, is_embedded, iter_tile_batches,
-                                     read_embeddings, weights_tag)
+from netsurv.pathology.embed import (
+    embed_slide,
+    is_embedded,
+    iter_tile_batches,
+    read_embeddings,
+    weights_tag,
+)
 from netsurv.pathology.encoders import build_encoder
+from netsurv.pathology.slides import SlideError
 from netsurv.pathology.tiling import TileDataset, params_hash
 from netsurv.stages import h5_attach_checksum
 from netsurv.tasks.embed import embed_cohort, shard, shard_info
@@ -117,7 +123,7 @@ def test_deterministic_and_batch_iterator_order(wsi, encoder, tmp_path):
     bad = TileDataset(h5c, backend="raw")
     bad.coords = bad.coords.copy()
     bad.coords[len(bad) - 1] = (10 ** 7, 10 ** 7)
-    with pytest.raises(Exception):
+    with pytest.raises(SlideError, match="outside"):
         list(iter_tile_batches(bad, 2))
 
 

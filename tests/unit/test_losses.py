@@ -8,9 +8,16 @@ from lifelines import CoxPHFitter
 from lifelines.datasets import load_rossi
 from sksurv.linear_model.coxph import CoxPHOptimizer
 
-from netsurv.survival.losses import (CoxPHLoss, LogisticHazardLoss, TimeBins, cox_ph_loss,
-                                     cox_ph_loss_with_flag, hazard_to_survival,
-                                     nll_logistic_hazard, risk_from_logits)
+from netsurv.survival.losses import (
+    CoxPHLoss,
+    LogisticHazardLoss,
+    TimeBins,
+    cox_ph_loss,
+    cox_ph_loss_with_flag,
+    hazard_to_survival,
+    nll_logistic_hazard,
+    risk_from_logits,
+)
 
 DT = torch.float64
 
@@ -28,7 +35,7 @@ def neg_log_pl_reference(eta, time, event, ties):
         if ties == "breslow":
             ll -= d * np.log(r)
         else:
-            ll -= sum(np.log(r - l / d * dsum) for l in range(d))
+            ll -= sum(np.log(r - k / d * dsum) for k in range(d))
     return -ll
 
 

@@ -1,5 +1,4 @@
 import numpy as np
-import pandas as pd
 import pytest
 from lifelines import CoxPHFitter
 from lifelines.datasets import load_rossi

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from lifelines import KaplanMeierFitter
 
-from netsurv.survival.metrics import (MetricError, bootstrap_ci, harrell_cindex, integrated_brier,
-                                      td_auc, uno_cindex)
+from netsurv.survival.metrics import (
+    MetricError,
+    bootstrap_ci,
+    harrell_cindex,
+    integrated_brier,
+    td_auc,
+    uno_cindex,
+)
 
 
 @pytest.fixture

@@ -79,7 +79,8 @@ def test_geometry_mismatch_fails_or_resamples(cases, tmp_path):
     m.SetOrigin(tuple(o + 3.0 for o in m.GetOrigin()))
     shifted = tmp_path / "shifted.nii.gz"
     sitk.WriteImage(m, str(shifted))
-    with pytest.raises(VolumeError, match=r"mask geometry differs from image .* in \['origin'\]: image \{.*\} vs mask \{.*\}"):
+    with pytest.raises(VolumeError, match=r"mask geometry differs from image .* in \['origin'\]: "
+                                          r"image \{.*\} vs mask \{.*\}"):
         load_case(img, shifted)
     case = load_case(img, shifted, resample_mask=True)
     assert case.notes and "resampled" in case.notes[0]

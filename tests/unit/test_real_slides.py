@@ -15,10 +15,22 @@ import tifffile
 from PIL import Image
 
 from netsurv.pathology.slides import MAX_UPSAMPLE, MppError, SlideError, open_slide
-from netsurv.pathology.tiling import (TileDataset, overlap_factor, read_coords, tile_slide,
-                                      write_coords)
-from netsurv.pathology.tissue import (MARK_INK, TissueParams, _hsv, mark_classes, mark_mask,
-                                      segment_tissue, thumbnail)
+from netsurv.pathology.tiling import (
+    TileDataset,
+    overlap_factor,
+    read_coords,
+    tile_slide,
+    write_coords,
+)
+from netsurv.pathology.tissue import (
+    MARK_INK,
+    TissueParams,
+    _hsv,
+    mark_classes,
+    mark_mask,
+    segment_tissue,
+    thumbnail,
+)
 from netsurv.tasks.tile import tile_cohort
 
 DATA = Path(__file__).resolve().parents[1] / "data"

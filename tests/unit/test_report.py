@@ -9,16 +9,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pandas as pd
+import pytest
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients  # noqa: E402
-from netsurv.report import figures as F  # noqa: E402
-from netsurv.report.heatmap import PatientAttention, write_attention  # noqa: E402
-from netsurv.report.html import write_report  # noqa: E402
-from netsurv.report.km import (assign_groups, km_analysis, km_groups, logrank_p,  # noqa: E402
-                               risk_thresholds)
+from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+from netsurv.report import figures as F
+from netsurv.report.heatmap import PatientAttention, write_attention
+from netsurv.report.html import write_report
+from netsurv.report.km import assign_groups, km_analysis, km_groups, logrank_p, risk_thresholds
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 

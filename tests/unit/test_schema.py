@@ -31,7 +31,8 @@ def test_valid_cohort_loads(cohort_dir):
 
 def test_missing_required_column(cohort_dir):
     _edit(cohort_dir, "clinical.csv", lambda d: d.drop(columns="os_event"))
-    with pytest.raises(CohortError, match=r"clinical\.csv, line 1 \(header\): missing required column\(s\) \['os_event'\]"):
+    with pytest.raises(CohortError, match=r"clinical\.csv, line 1 \(header\): "
+                                          r"missing required column\(s\) \['os_event'\]"):
         load_cohort(cohort_dir)
 
 
@@ -62,7 +63,8 @@ def test_negative_time(cohort_dir):
         d.loc[0, "pfs_time"] = -1.0
         return d
     _edit(cohort_dir, "clinical.csv", bad)
-    with pytest.raises(CohortError, match=r"clinical\.csv, line 2: column 'pfs_time' is negative \(-1\.0\) for patient 'NET001'"):
+    with pytest.raises(CohortError, match=r"clinical\.csv, line 2: column 'pfs_time' is negative "
+                                          r"\(-1\.0\) for patient 'NET001'"):
         load_cohort(cohort_dir)
 
 

@@ -8,8 +8,12 @@ import pytest
 from lifelines import CoxPHFitter
 from lifelines.datasets import load_rossi
 
-from netsurv.features.select import (CorrelationFilter, DropInvalid, UnivariateCoxSelector,
-                                     univariate_cox)
+from netsurv.features.select import (
+    CorrelationFilter,
+    DropInvalid,
+    UnivariateCoxSelector,
+    univariate_cox,
+)
 
 FEATS = ["fin", "age", "race", "wexp", "mar", "paro", "prio"]
 

@@ -12,9 +12,21 @@ import h5py
 import numpy as np
 import pytest
 
-from netsurv.stages import (CorruptCacheError, ItemFailed, ItemLocks, VerifiedFiles,
-                            arrays_checksum, atomic_path, clean_stale_temps, h5_attach_checksum,
-                            read_json, run_items, temp_path, verify_h5, write_json)
+from netsurv.stages import (
+    CorruptCacheError,
+    ItemFailed,
+    ItemLocks,
+    VerifiedFiles,
+    arrays_checksum,
+    atomic_path,
+    clean_stale_temps,
+    h5_attach_checksum,
+    read_json,
+    run_items,
+    temp_path,
+    verify_h5,
+    write_json,
+)
 from netsurv.stages.cache import _host
 
 

@@ -15,8 +15,16 @@ from PIL import Image
 from netsurv.cohort.demo_wsi import write_demo_slide
 from netsurv.pathology.rawtiles import RawTileReader, decode_jpeg_torch
 from netsurv.pathology.slides import open_slide
-from netsurv.pathology.tiling import (NoTissueError, TileDataset, grid_coords, normalise_params,
-                                      params_hash, read_coords, tile_fractions, tile_slide)
+from netsurv.pathology.tiling import (
+    NoTissueError,
+    TileDataset,
+    grid_coords,
+    normalise_params,
+    params_hash,
+    read_coords,
+    tile_fractions,
+    tile_slide,
+)
 from netsurv.tasks.tile import tile_cohort
 
 DS = 16  # truth downsample
