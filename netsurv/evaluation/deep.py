@@ -524,15 +524,14 @@ def survival_fn(loss: str, pred_out, fit_idx, time, event, edges, val_idx=None, 
     Cox: a network's log-hazard is over-dispersed on new patients (it was fitted on the fit
     patients), which makes its curves overconfident.  The calibration slope (one-covariate Cox
     fit of the inner-validation patients' risks, :func:`netsurv.survival.calibration.
-    calibration_slope`) shrinks it, and the Breslow baseline hazard (scikit-survival's
-    BreslowEstimator) is fitted on the training patients' shrunk risks.  ``held_out``:
+    calibration_slope`) shrinks it, and the Breslow baseline hazard (the package's one,
+    :class:`netsurv.survival.breslow.Breslow`) is fitted on the training patients' shrunk risks.  ``held_out``:
     ``(positions, risks)`` of out-of-fold risks (inner folds) to fit the slope on instead of
     ``val_idx``.  Without either the slope is 1 and Breslow uses the fit patients.
     NLL: the model's own discrete survival curve, a step function over the bin edges (slope
     None)."""
     if loss == "cox":
-        from sksurv.linear_model.coxph import BreslowEstimator
-
+        from netsurv.survival.breslow import Breslow
         from netsurv.survival.calibration import calibration_slope
 
         risk = pred_out[:, 0]
@@ -543,10 +542,10 @@ def survival_fn(loss: str, pred_out, fit_idx, time, event, edges, val_idx=None, 
         elif val_idx is not None and len(val_idx):
             slope = calibration_slope(risk[val_idx], time[val_idx], event[val_idx])
             idx = np.concatenate([idx, np.asarray(val_idx)])
-        br = BreslowEstimator().fit(slope * risk[idx], event[idx].astype(bool), time[idx])
+        br = Breslow().fit(slope * risk[idx], time[idx], event[idx])
 
         def fn(idx, times):
-            return np.vstack([f(times) for f in br.get_survival_function(slope * risk[idx])])
+            return br.survival(slope * risk[idx], times)
         return fn, float(slope)
     from netsurv.survival.losses import hazard_to_survival
 

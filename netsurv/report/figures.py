@@ -2,10 +2,11 @@
 forest plot, feature selection frequency, and (demo cohort) predicted vs true risk.
 
 Every figure function takes a :class:`RunData` (see :func:`load_run`) and returns a matplotlib
-figure; :mod:`netsurv.report.html` turns them into the report. Time-dependent metrics use the
-training split for the censoring weights and are evaluated only at times inside the training
-follow-up (scikit-survival fails, or silently mis-weights, beyond it; see
-:mod:`netsurv.survival.metrics`).
+figure; :mod:`netsurv.report.html` turns them into the report. Time-dependent metrics are those
+of ``metrics.json``, on its grid (:func:`netsurv.survival.metrics.default_eval_times` of each
+split: inside the training follow-up, where the censoring weights exist) with the training
+split's censoring weights; survival curves recomputed from the risks use the package's one
+Breslow baseline (:class:`netsurv.survival.breslow.Breslow`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from netsurv.survival.metrics import _clip_to_followup, _surv, followup_limit
+from netsurv.survival.breslow import Breslow
+from netsurv.survival.metrics import (
+    brier_curve,
+    default_eval_times,
+    followup_limit,
+    integrated_brier,
+    km_null_survival,
+)
 
 SPLIT_ALPHA = 0.35
 
@@ -110,73 +118,41 @@ def _external_test(rd: RunData, ext: dict) -> pd.DataFrame:
     return pd.DataFrame({"patient_id": ids, "time": t, "event": e})
 
 
+# --------------------------------------------------------------------------- survival curves
 def _split_arrays(pred: pd.DataFrame, split: str):
+    """Training (every non-test patient: a deep run's inner-validation patients are training
+    patients, as the runner's ``split.train``) and test arrays of one split."""
     df = pred[pred.split == split]
-    tr, te = df[df.role == "train"], df[df.role == "test"]
+    tr, te = df[df.role != "test"], df[df.role == "test"]
     return (tr.time.to_numpy(float), tr.event.to_numpy(int), tr.risk.to_numpy(float),
             te.time.to_numpy(float), te.event.to_numpy(int), te.risk.to_numpy(float))
 
 
-# --------------------------------------------------------------------------- survival curves
-def breslow_survival(train_time, train_event, train_risk):
-    """``surv(risk, times) -> [n, len(times)]``: S(t | x) = S0(t) ** exp(risk), with the Breslow
-    baseline S0 fitted on the training times, events and risks of one split.
-
-    Why: not every model predicts survival curves (a MIL network, a ranking loss, a random
-    forest's score), but every model gives a risk. Treating the risk as a Cox linear predictor
-    and estimating the baseline hazard on the training split yields curves for any risk model,
-    so Brier scores and calibration can be drawn the same way for all of them. For Cox models
-    this is exactly the Breslow estimator of the fitted model; for others it is a proportional-
-    hazards approximation (their calibration plot shows how good it is).
-    """
-    t = np.asarray(train_time, float)
-    e = np.asarray(train_event, int).astype(bool)
-    r = np.asarray(train_risk, float)
-    centre = float(np.mean(r))  # S0 absorbs any shift of the risk; centring avoids overflow
-    w = np.exp(np.clip(r - centre, -50, 50))
-    ut = np.unique(t[e])
-    d = np.array([np.sum(e & (t == u)) for u in ut], float)
-    at_risk = np.array([w[t >= u].sum() for u in ut], float)
-    H0 = np.cumsum(d / at_risk)
-
-    def surv(risk, times) -> np.ndarray:
-        times = np.atleast_1d(np.asarray(times, float))
-        idx = np.searchsorted(ut, times, side="right") - 1
-        h = np.where(idx >= 0, H0[np.clip(idx, 0, None)] if len(H0) else 0.0, 0.0)
-        rel = np.exp(np.clip(np.asarray(risk, float) - centre, -50, 50))
-        return np.exp(-rel[:, None] * h[None, :])
-
-    surv.baseline_times, surv.baseline_cumhaz = ut, H0
-    return surv
+def calibration_slope_of(rd: RunData, split: str) -> float:
+    """The slope a deep Cox run shrank its risks by before its Breslow baseline
+    (``metrics.json`` training info); 1 for every other run."""
+    info = ((rd.metrics or {}).get("training") or {}).get(split) or {}
+    slope = info.get("calibration_slope")
+    return 1.0 if slope is None else float(slope)
 
 
-def eval_grid(rd: RunData, n: int = 20) -> np.ndarray:
-    """Common evaluation times: quantiles 10–80 % of the event times of all patients."""
-    df = rd.pred.drop_duplicates("patient_id")
-    ev = df.time[df.event == 1].to_numpy(float)
-    if len(ev) == 0:
-        raise ValueError("no events: time-dependent figures are undefined")
-    return np.unique(np.quantile(ev, np.linspace(0.1, 0.8, n)))
+def split_survival(rd: RunData, split: str):
+    """``surv(risk, times) -> [n, len(times)]`` of one split: S0(t) ** exp(slope * risk), the
+    Breslow baseline (:class:`netsurv.survival.breslow.Breslow`) fitted on the split's training
+    risks, as the runner's curves of Cox models are (the classical ones' library baselines agree
+    with it; a deep Cox run's are this with its calibration slope).  For other risk models it
+    is a proportional-hazards approximation, so curves exist for every model."""
+    trt, tre, trr, *_ = _split_arrays(rd.pred, split)
+    slope = calibration_slope_of(rd, split)
+    br = Breslow().fit(slope * trr, trt, tre)
+    return lambda risk, times: br.survival(slope * np.asarray(risk, float), times)
 
 
-def valid_times(grid, train_time, test_time) -> np.ndarray:
-    """Grid times inside the training follow-up (IPCW weights exist) and the test follow-up."""
-    limit = followup_limit(train_time)
-    tt = _clip_to_followup(test_time, limit)
-    g = np.asarray(grid, float)
-    return g[(g < limit) & (g >= tt.min()) & (g < tt.max())]
-
-
-def _mean_curve(grid, curves: dict, min_frac: float = 0.5):
-    """Mean over splits at each grid time where at least ``min_frac`` of the splits have a value."""
-    M = np.full((len(curves), len(grid)), np.nan)
-    for i, (t, v) in enumerate(curves.values()):
-        M[i, np.searchsorted(grid, t)] = v
-    cnt = np.sum(np.isfinite(M), axis=0)
-    ok = cnt >= max(1, int(np.ceil(min_frac * len(curves))))
-    with np.errstate(invalid="ignore"):
-        mean = np.nanmean(np.where(ok[None, :], M, np.nan), axis=0) if ok.any() else M[0] * np.nan
-    return grid[ok], mean[ok]
+def split_eval_times(rd: RunData, split: str) -> np.ndarray:
+    """The split's evaluation grid: :func:`netsurv.survival.metrics.default_eval_times`, the
+    grid of metrics.json's td-AUC and IBS."""
+    trt, _, _, tet, tee, _ = _split_arrays(rd.pred, split)
+    return default_eval_times(trt, tet, tee)
 
 
 def _xlabel() -> str:
@@ -184,19 +160,16 @@ def _xlabel() -> str:
 
 
 # --------------------------------------------------------------------------- td-AUC
-def td_auc_curves(rd: RunData, grid=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Cumulative/dynamic AUC(t) per split on the common grid (restricted per split)."""
+def td_auc_curves(rd: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Cumulative/dynamic AUC(t) per split on the split's evaluation grid
+    (:func:`split_eval_times`): the curves whose mean is metrics.json's td-AUC."""
     from netsurv.survival.metrics import td_auc
 
-    grid = eval_grid(rd) if grid is None else grid
     out = {}
     for s in rd.splits():
         trt, tre, _, tet, tee, ter = _split_arrays(rd.pred, s)
-        times = valid_times(grid, trt, tet)
-        if len(times) == 0 or tee.sum() == 0:
-            continue
         try:
-            t, auc, _ = td_auc(trt, tre, tet, tee, ter, times=times)
+            t, auc, _ = td_auc(trt, tre, tet, tee, ter, times=split_eval_times(rd, s))
         except Exception:  # noqa: BLE001 - one degenerate split must not sink the figure
             continue
         out[s] = (t, auc)
@@ -208,12 +181,11 @@ def td_auc_curves(rd: RunData, grid=None) -> dict[str, tuple[np.ndarray, np.ndar
 def fig_td_auc(rd: RunData):
     import matplotlib.pyplot as plt
 
-    grid = eval_grid(rd)
-    curves = td_auc_curves(rd, grid)
+    curves = td_auc_curves(rd)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for s, (t, a) in curves.items():
         ax.plot(t, a, "-o", ms=2.5, lw=1, alpha=SPLIT_ALPHA, label=s)
-    mt, ma = _mean_curve(grid, curves)
+    mt, ma = _mean_interp(curves)
     ax.plot(mt, ma, "k-", lw=2.2, label="mean over splits")
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_ylim(0.3, 1.0)
@@ -253,36 +225,28 @@ def stored_brier_curves(rd: RunData):
     return out or None
 
 
-def brier_curves(rd: RunData, grid=None):
-    """Per split: (times, Brier(t) of S0(t)^exp(risk), Brier(t) of the training KM, IBS, null IBS).
-
-    This recomputes curves from the predictions (a Breslow baseline on the training risks);
-    :func:`fig_brier` draws the run's own curves (:func:`stored_brier_curves`) when it wrote them.
-    """
-    from lifelines import KaplanMeierFitter
-    from sksurv.metrics import brier_score, integrated_brier_score
-
-    grid = eval_grid(rd) if grid is None else grid
+def brier_curves(rd: RunData):
+    """Per split: (times, Brier(t) of the model, Brier(t) of the training KM, IBS, null IBS),
+    recomputed from the predictions as the runner computes metrics.json's (same grid,
+    :func:`split_eval_times`; same functions of :mod:`netsurv.survival.metrics`), with the
+    model's curves those of :func:`split_survival`.  For Cox models these are the model's own
+    curves, so the IBS are metrics.json's; :func:`fig_brier` draws the run's stored curves
+    (:func:`stored_brier_curves`) when it wrote them."""
     out = {}
     for s in rd.splits():
-        trt, tre, trr, tet, tee, ter = _split_arrays(rd.pred, s)
-        times = valid_times(grid, trt, tet)
-        if len(times) < 2:
-            continue
-        surv = breslow_survival(trt, tre, trr)
-        est = surv(ter, times)
-        km = KaplanMeierFitter().fit(trt, tre)
-        null = np.tile(km.survival_function_at_times(times).to_numpy(), (len(ter), 1))
-        ytr = _surv(trt, tre)
-        yte = _surv(_clip_to_followup(tet, followup_limit(trt)), tee)
+        trt, tre, _, tet, tee, ter = _split_arrays(rd.pred, s)
         try:
-            _, b = brier_score(ytr, yte, est, times)
-            _, bn = brier_score(ytr, yte, null, times)
-            ibs = integrated_brier_score(ytr, yte, est, times)
-            ibn = integrated_brier_score(ytr, yte, null, times)
-        except Exception:  # noqa: BLE001
+            times = split_eval_times(rd, s)
+            surv = split_survival(rd, s)
+            model = lambda t, surv=surv, ter=ter: surv(ter, t)  # noqa: E731
+            null = km_null_survival(trt, tre)(len(ter))
+            ibs = integrated_brier(trt, tre, tet, tee, model, times=times)
+            ibn = integrated_brier(trt, tre, tet, tee, null, times=times)
+            b = brier_curve(trt, tre, tet, tee, model, times)
+            bn = brier_curve(trt, tre, tet, tee, null, times)
+        except Exception:  # noqa: BLE001 - one degenerate split must not sink the figure
             continue
-        out[s] = (times, np.asarray(b), np.asarray(bn), float(ibs), float(ibn))
+        out[s] = (times, b, bn, ibs, ibn)
     if not out:
         raise ValueError("Brier score undefined in every split (fewer than two valid times)")
     return out
@@ -309,7 +273,7 @@ def fig_brier(rd: RunData):
     cur = stored_brier_curves(rd)
     own = cur is not None
     if not own:
-        cur = brier_curves(rd, eval_grid(rd))
+        cur = brier_curves(rd)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     has_model = any(np.isfinite(v[1]).any() for v in cur.values())
     for s, (t, b, _, _, _) in cur.items():
@@ -318,11 +282,20 @@ def fig_brier(rd: RunData):
     m = rd.metrics or {}
 
     def ibs_text(key, idx):
-        if own and isinstance(m.get(key), dict):
-            v = m[key]
-            return f"{v['mean']:.3f} ± {v.get('std', 0):.3f}"
+        """metrics.json's IBS whenever it has one (the report shows one IBS); curves recomputed
+        from the risks that integrate to another value (a model that is not a Cox model, e.g. a
+        discrete-time one, whose own curves the run did not keep) say so beside it."""
         vals = np.array([v[idx] for v in cur.values()], float)
-        return f"{np.nanmean(vals):.3f} ± {np.nanstd(vals, ddof=1) if len(vals) > 1 else 0:.3f}"
+        sd = np.nanstd(vals, ddof=1) if len(vals) > 1 else 0.0
+        mine = f"{np.nanmean(vals):.3f} ± {sd:.3f}"
+        v = m.get(key)
+        if not isinstance(v, dict) or "mean" not in v:
+            return mine
+        text = f"{v['mean']:.3f} ± {v.get('std', 0):.3f}"
+        per = v.get("per_split") or {}
+        if not own and not all(s in per and abs(per[s] - c[idx]) < 1e-6 for s, c in cur.items()):
+            text += f"; these recomputed curves {mine}"
+        return text
 
     if has_model:
         mt, mb = _mean_interp({s: (v[0], v[1]) for s, v in cur.items()
@@ -335,7 +308,7 @@ def fig_brier(rd: RunData):
     ax.set_ylabel("Brier score (IPCW)")
     ax.set_ylim(bottom=0)
     how = ("the model's survival curves, on the grid of metrics.json's IBS" if own else
-           "curves S0(t)^exp(risk), Breslow on training")
+           "curves S0(t)^exp(risk), Breslow on training, on the grid of metrics.json's IBS")
     ax.set_title(f"Brier score over follow-up (test sets; {how})", fontsize=9)
     ax.legend(fontsize=7, ncol=2, frameon=False, loc="upper left")
     fig.tight_layout()
@@ -347,8 +320,7 @@ def default_horizon(rd: RunData) -> float:
     """Median event time, kept inside every split's training and test follow-up."""
     df = rd.pred.drop_duplicates("patient_id")
     h = float(np.median(df.time[df.event == 1]))
-    lim = min(followup_limit(rd.pred[(rd.pred.split == s) & (rd.pred.role == "train")].time)
-              for s in rd.splits())
+    lim = min(followup_limit(_split_arrays(rd.pred, s)[0]) for s in rd.splits())
     return min(h, float(np.nextafter(lim, -np.inf)))
 
 
@@ -360,8 +332,8 @@ def calibration_table(rd: RunData, horizon: float | None = None, n_bins: int = 5
     horizon = default_horizon(rd) if horizon is None else float(horizon)
     rows = []
     for s in rd.splits():
-        trt, tre, trr, tet, tee, ter = _split_arrays(rd.pred, s)
-        pred_s = breslow_survival(trt, tre, trr)(ter, [horizon])[:, 0]
+        _, _, _, tet, tee, ter = _split_arrays(rd.pred, s)
+        pred_s = split_survival(rd, s)(ter, [horizon])[:, 0]
         rows.append(pd.DataFrame({"split": s, "time": tet, "event": tee, "pred": pred_s}))
     df = pd.concat(rows, ignore_index=True)
     n_bins = max(1, min(int(n_bins), len(df) // 5))

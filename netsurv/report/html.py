@@ -301,12 +301,14 @@ def write_report(run_dir, *, cohort_root=None, n_groups: int = 2, horizon: float
         body += figs("brier", lambda: F.fig_brier(rd), "Brier score over follow-up")
         body += figs("calibration", lambda: F.fig_calibration(rd, horizon, calibration_bins),
                      "calibration at the horizon")
-        body += ("<p class='note'>The Brier figure draws the run's own survival curves on the "
-                 "grid of its integrated Brier score (<code>brier_curves.csv</code>), so its IBS "
-                 "are those of the metrics table; for runs without that file, and for the "
-                 "calibration plot, survival curves are S0(t)<sup>exp(risk)</sup> with a Breslow "
-                 "baseline fitted on each split's training risks, so they exist for every risk "
-                 "model. Times are restricted to the training follow-up.</p>")
+        body += ("<p class='note'>The td-AUC and Brier figures use the grid of the metrics "
+                 "table (per split, quantiles of the test event times inside the training "
+                 "follow-up), and the Brier figure's IBS are those of the metrics table. It draws "
+                 "the run's own survival curves (<code>brier_curves.csv</code>); for runs without "
+                 "that file, and for the calibration plot, survival curves are "
+                 "S0(t)<sup>exp(risk)</sup> with a Breslow baseline fitted on each split's "
+                 "training risks (the curves of Cox models; for other models an approximation, "
+                 "so they exist for every risk model).</p>")
         sections.append(("time", "Discrimination and calibration over time", body))
     elif rd.pred is not None:
         sections.append(("km", "Risk groups and time-dependent figures",

@@ -48,7 +48,17 @@ class CoxPH(BaseEstimator):
 
     def predict_survival(self, X: pd.DataFrame, times) -> np.ndarray:
         """S(t | x) at ``times``, ``[n_patients, n_times]`` (lifelines' Breslow baseline
-        hazard of the training data); what the integrated Brier score of a run needs."""
+        hazard of the training data); what the integrated Brier score of a run needs.
+
+        The baseline is evaluated as the step function it is: lifelines'
+        ``predict_survival_function(times=...)`` interpolates it linearly between training
+        times, which made this model's curves (and IBS) differ from those of the package's
+        Breslow (:class:`netsurv.survival.breslow.Breslow`) and CoxNet's between event times."""
         X = pd.DataFrame(X).astype(float)[self.columns_]
-        sf = self.model_.predict_survival_function(X, times=np.asarray(times, float))
-        return sf.to_numpy().T
+        H0 = self.model_.baseline_cumulative_hazard_.iloc[:, 0]
+        t0, h0 = H0.index.to_numpy(float), H0.to_numpy(float)
+        times = np.atleast_1d(np.asarray(times, float))
+        i = np.searchsorted(t0, times, side="right") - 1
+        h = np.where(i >= 0, h0[np.clip(i, 0, None)], 0.0)
+        rel = np.asarray(self.model_.predict_partial_hazard(X), float).reshape(-1)
+        return np.exp(-rel[:, None] * h[None, :])

@@ -142,21 +142,6 @@ def test_logrank_p_equals_lifelines(tmp_path):
 
 
 # ----------------------------------------------------------------------------- figures
-def test_breslow_matches_lifelines_baseline():
-    from lifelines import CoxPHFitter
-
-    df = simulate_patients(80, seed=1)
-    x = df.true_risk.to_numpy()
-    cph = CoxPHFitter().fit(pd.DataFrame({"x": x, "T": df.os_time, "E": df.os_event}), "T", "E")
-    beta = float(cph.params_["x"])
-    surv = F.breslow_survival(df.os_time, df.os_event, beta * x)
-    # at event times (lifelines interpolates its cumulative hazard linearly in between)
-    times = np.sort(df.os_time[df.os_event == 1].to_numpy())[[3, 10, 20]]
-    ours = surv(beta * x[:5], times)
-    theirs = cph.predict_survival_function(pd.DataFrame({"x": x[:5]}), times=times).T.to_numpy()
-    assert ours == pytest.approx(theirs, abs=1e-6)
-
-
 def test_figures_non_empty(tmp_path):
     import matplotlib.pyplot as plt
 
