@@ -14,6 +14,7 @@ with a lighter share, already waits at the barrier (the default 30 min timeout w
 """
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import os
 from dataclasses import dataclass
@@ -129,7 +130,22 @@ def init_process_group(backend: str | None = None) -> bool:
     if _STAGE_GROUP is None:
         _STAGE_GROUP = dist.new_group(
             backend="gloo", timeout=_dt.timedelta(minutes=STAGE_TIMEOUT_MIN))
+        atexit.register(_destroy)
     return True
+
+
+def _destroy() -> None:
+    """At exit: tear the process groups down.  A rank that exits with live gloo threads (the
+    rank hosting the store gone first) can abort in C++ ("terminate called without an active
+    exception", SIGABRT) after its work is done, and the launcher then reports the job as
+    failed; seen with two ranks on a loaded 2-core machine."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway; nothing left to report to
+        pass
 
 
 def barrier() -> None:

@@ -70,6 +70,8 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     print(json.dumps([run(c["sizes"], c["kind"]) for c in json.loads(sys.argv[1])]))
+    dist.barrier()
+    dist.destroy_process_group()  # no rank exits with live gloo threads (SIGABRT under load)
 """)
 
 
