@@ -208,7 +208,7 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
 
     from netsurv.distributed import broadcast_object, dist_env
     from netsurv.models.classical import ImagingBlock
-    from netsurv.survival.losses import TimeBins, canonical_loss
+    from netsurv.survival.losses import TimeBins, make_loss
     from netsurv.training.datamodule import PatientDataset, TabularSteps, inner_split
     from netsurv.training.offset import fit_offset
 
@@ -236,18 +236,20 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
 
     steps = TabularSteps(make_steps).fit(data.frames, patients, fit, time, event)
     X, present = steps.transform(data.frames, patients)
-    loss = canonical_loss(cfg.loss.name)
-    edges = targets = None
-    if loss == "nll":
+    ties = str(cfg.loss.get("ties", "efron"))
+    loss = make_loss(cfg.loss.name, ties=ties)
+    targets = None
+    if loss.needs_bins:  # discrete time: edges fitted on the fit patients, then the loss
         bins = TimeBins(int(cfg.loss.n_bins), scheme=str(cfg.loss.scheme)).fit(time[fit],
                                                                               event[fit])
-        edges = bins.edges_
+        loss = make_loss(cfg.loss.name, ties=ties, edges=bins.edges_)
         targets = bins.transform(time, event)
+    edges = loss.edges
     feat_dim = bag_dim(data.bags)
     dims = {m: X[m].shape[1] for m in X}
     if data.bags is not None:
         dims["wsi"] = feat_dim
-    out_dim = 1 if loss == "cox" else len(edges)
+    out_dim = loss.out_dim
 
     def ds(idx, train=False):
         return PatientDataset(idx, patients, data.bags, X, present, time, event,
@@ -259,7 +261,6 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
         from netsurv.training.module import SurvivalModule
 
         return SurvivalModule(build_net(cfg, dims, out_dim, offset=off is not None), loss=loss,
-                              ties=str(cfg.loss.get("ties", "efron")), edges=edges,
                               lr=float(oc.lr), weight_decay=float(oc.weight_decay),
                               select_after=int(oc.get("select_after", 0)),
                               smooth=int(oc.get("smooth", 1)), **kw)
@@ -326,9 +327,9 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
     role[val] = "val"
     role[te] = "test"
     if oof is not None:  # held-out risks of every training patient: the calibration slope
-        sfn, slope = survival_fn(loss, outs, tr, time, event, edges, held_out=(tr, oof))
+        sfn, slope = survival_fn(loss, outs, tr, time, event, held_out=(tr, oof))
     else:
-        sfn, slope = survival_fn(loss, outs, fit, time, event, edges, val_idx=val)
+        sfn, slope = survival_fn(loss, outs, fit, time, event, val_idx=val)
     info["calibration_slope"] = slope
     if off is not None:
         info["offset"] = dict(off.info)
@@ -343,7 +344,7 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
              "snapshots": module.best_snapshots,
              # what netsurv.evaluation.predict needs besides the weights (fitted tabular steps)
              "inputs": {"steps": steps.steps_, "tab_dims": steps.dims_, "columns": steps.columns_,
-                        "dims": dims, "out_dim": out_dim, "loss": loss, "edges": edges,
+                        "dims": dims, "out_dim": out_dim, "loss": loss.name, "edges": edges,
                         "offset": None if off is None else off.state(),
                         "calibration_slope": slope}}
     selected = [f"{m}:{c}" for m, cols in steps.columns_.items() for c in cols]
@@ -518,43 +519,22 @@ def _offset_as_baseline(cfg: DictConfig, off) -> dict | None:
     return None
 
 
-def survival_fn(loss: str, pred_out, fit_idx, time, event, edges, val_idx=None, held_out=None):
-    """``(fn, slope)``: ``fn(idx, times)`` = S(t | patient) for the integrated Brier score.
+def survival_fn(loss, pred_out, fit_idx, time, event, edges=None, val_idx=None,
+                held_out=None):
+    """``(fn, slope)``: ``fn(idx, times)`` = S(t | patient) for the integrated Brier score, from
+    the network outputs ``pred_out`` of all patients; ``loss``: the loss object
+    (:class:`netsurv.survival.losses.SurvivalLoss`), or a ``loss=`` name built with ``edges``.
+    The curves are the loss's (:meth:`~netsurv.survival.losses.SurvivalLoss.survival_fn`):
 
-    Cox: a network's log-hazard is over-dispersed on new patients (it was fitted on the fit
-    patients), which makes its curves overconfident.  The calibration slope (one-covariate Cox
-    fit of the inner-validation patients' risks, :func:`netsurv.survival.calibration.
-    calibration_slope`) shrinks it, and the Breslow baseline hazard (the package's one,
-    :class:`netsurv.survival.breslow.Breslow`) is fitted on the training patients' shrunk risks.  ``held_out``:
-    ``(positions, risks)`` of out-of-fold risks (inner folds) to fit the slope on instead of
-    ``val_idx``.  Without either the slope is 1 and Breslow uses the fit patients.
-    NLL: the model's own discrete survival curve, a step function over the bin edges (slope
-    None)."""
-    if loss == "cox":
-        from netsurv.survival.breslow import Breslow
-        from netsurv.survival.calibration import calibration_slope
+    Cox: Breslow baseline of the risks shrunk by the calibration slope (fitted on the
+    inner-validation patients, or on the out-of-fold risks ``held_out`` = ``(positions, risks)``
+    with inner folds; 1 without either).  NLL: the model's own discrete survival curve, a step
+    function over the bin edges (slope None)."""
+    from netsurv.survival.losses import SurvivalLoss, make_loss
 
-        risk = pred_out[:, 0]
-        slope, idx = 1.0, np.asarray(fit_idx)
-        if held_out is not None:
-            hp, hr = held_out
-            slope = calibration_slope(hr, time[hp], event[hp])
-        elif val_idx is not None and len(val_idx):
-            slope = calibration_slope(risk[val_idx], time[val_idx], event[val_idx])
-            idx = np.concatenate([idx, np.asarray(val_idx)])
-        br = Breslow().fit(slope * risk[idx], time[idx], event[idx])
-
-        def fn(idx, times):
-            return br.survival(slope * risk[idx], times)
-        return fn, float(slope)
-    from netsurv.survival.losses import hazard_to_survival
-
-    surv = hazard_to_survival(torch.as_tensor(pred_out)).numpy()
-
-    def fn(idx, times):
-        j = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, len(edges) - 1)
-        return surv[idx][:, j]
-    return fn, None
+    if not isinstance(loss, SurvivalLoss):
+        loss = make_loss(loss, edges=edges)
+    return loss.survival_fn(pred_out, fit_idx, time, event, val_idx=val_idx, held_out=held_out)
 
 
 def attention_records(split: str, patients, idx, risk, attention: dict, bags, role) -> list:

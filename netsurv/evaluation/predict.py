@@ -170,6 +170,7 @@ def predict_risk(cfg: DictConfig, fitted: Fitted, inputs: CohortInputs) -> dict:
 
 def _deep_risk(cfg: DictConfig, fitted: Fitted, inputs: CohortInputs) -> dict:
     from netsurv.evaluation.deep import build_net, eval_batch_sampler
+    from netsurv.survival.losses import make_loss
     from netsurv.training.datamodule import PatientDataset, SurvivalDataModule, TabularSteps
     from netsurv.training.module import SurvivalModule
 
@@ -193,7 +194,8 @@ def _deep_risk(cfg: DictConfig, fitted: Fitted, inputs: CohortInputs) -> dict:
         offset = predict_offset(st, ofr, patients, inputs.meta)
     net = build_net(cfg, inp["dims"], int(inp["out_dim"]), offset=st is not None)
     net.load_state_dict(fitted.model["state_dict"])
-    module = SurvivalModule(net, loss=inp["loss"], edges=inp["edges"])
+    # the saved name rebuilds the loss object (risk from the network output)
+    module = SurvivalModule(net, loss=make_loss(inp["loss"], edges=inp["edges"]))
     bags = inputs.bags if "wsi" in inp["dims"] else None
     n = len(patients)
     ds = PatientDataset(np.arange(n), patients, bags, X, present, np.zeros(n), np.zeros(n),

@@ -37,7 +37,7 @@ from netsurv.distributed import all_gather_object, broadcast_object, dist_env
 from netsurv.evaluation import compare
 from netsurv.evaluation.inputs import acquisition_meta, modality_frames, require_inputs
 from netsurv.evaluation.records import RunData, SplitFit, SplitRecords, config_hash, split_key
-from netsurv.survival.losses import canonical_loss
+from netsurv.survival.losses import canonical_loss, make_loss
 from netsurv.survival.metrics import (
     MetricError,
     bootstrap_ci,
@@ -155,7 +155,7 @@ def prepare(cfg: DictConfig) -> RunData:
         raise CohortError("modality 'wsi' (tile-embedding bags) needs a deep model, e.g. "
                           "model=abmil; classical models take feature tables (pathomics, "
                           "radiomics)")
-    if not deep and canonical_loss(cfg.loss.name) != "cox":
+    if not deep and not make_loss(cfg.loss.name).classical:
         raise ValueError(f"loss={cfg.loss.name}: classical models fit a Cox model; discrete-time "
                          "losses need a deep model (model=abmil, ...)")
     require_inputs(cohort, cfg)

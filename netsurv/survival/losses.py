@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "LOSSES",
+    "SurvivalLoss",
+    "make_loss",
     "canonical_loss",
     "cox_ph_loss",
     "cox_ph_loss_with_flag",
@@ -31,15 +34,78 @@ __all__ = [
 ]
 
 
-LOSSES = {"cox": "cox", "deepsurv": "cox", "nll": "nll"}  # config name -> loss
+# ``loss=`` config value -> loss class; filled by :class:`SurvivalLoss` subclasses (``names``)
+LOSSES: dict[str, type[SurvivalLoss]] = {}
 
 
-def canonical_loss(name: str) -> str:
-    """``loss=`` config value -> "cox" | "nll" (``deepsurv`` is the Cox partial likelihood)."""
+def _loss_class(name) -> type[SurvivalLoss]:
     try:
         return LOSSES[str(name)]
     except KeyError:
         raise ValueError(f"loss={name!r}: choose one of {sorted(LOSSES)}") from None
+
+
+def make_loss(name, *, ties: str = "efron", edges=None) -> SurvivalLoss:
+    """The loss object of a ``loss=`` config value (``cox``, its alias ``deepsurv``, ``nll``).
+
+    ``ties``: Cox tie handling ("efron" | "breslow"); ``edges``: the fitted
+    :class:`TimeBins` edges of a loss with ``needs_bins`` (``None`` until they are fitted).
+    Each class takes the options it uses.  Raises ``ValueError`` listing the names for an
+    unknown one."""
+    return _loss_class(name).from_options(ties=ties, edges=edges)
+
+
+def canonical_loss(name: str) -> str:
+    """``loss=`` config value -> "cox" | "nll" (``deepsurv`` is the Cox partial likelihood)."""
+    return _loss_class(name).name
+
+
+class SurvivalLoss(nn.Module):
+    """A training objective together with what depends on it (network output size, risk score,
+    survival curves).  The training module and the evaluation call these and never switch on the
+    loss name, so a new loss is one subclass: set ``name`` / ``names`` (registered in
+    :data:`LOSSES`, which :func:`make_loss` reads) and implement the methods.
+
+    Holds no parameters or buffers: a module's ``state_dict`` (checkpoints, saved models) is that
+    of its network alone.  Saved models store ``name`` and rebuild the object with
+    :func:`make_loss`."""
+
+    name: str = ""                 # canonical name, stored in saved models (inputs["loss"])
+    names: tuple[str, ...] = ()    # ``loss=`` config values of this class (aliases included)
+    needs_bins: bool = False       # trained on TimeBins targets (batch "bin", "bin_event")
+    classical: bool = False        # a classical (linear Cox) model fits the same objective
+    sync_log: bool = False         # batch_loss values differ per rank (log with sync_dist)
+    edges: np.ndarray | None = None  # time-bin edges (losses with needs_bins)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        for n in cls.__dict__.get("names", ()):
+            LOSSES[n] = cls
+
+    @classmethod
+    def from_options(cls, *, ties: str = "efron", edges=None) -> SurvivalLoss:
+        """The object for :func:`make_loss`'s options (take the ones this loss uses)."""
+        raise NotImplementedError
+
+    @property
+    def out_dim(self) -> int:
+        """Network output size per patient."""
+        raise NotImplementedError
+
+    def risk(self, out: Tensor) -> Tensor:
+        """[N] scalar risk (higher = earlier event) from the network output ``out`` [N, out_dim]."""
+        raise NotImplementedError
+
+    def batch_loss(self, out: Tensor, batch: dict) -> tuple[Tensor, bool, int]:
+        """(loss of the global batch, whether it has an event, global batch size); in one
+        process the global batch is ``batch`` (:mod:`netsurv.training.ddp`)."""
+        raise NotImplementedError
+
+    def survival_fn(self, pred_out, fit_idx, time, event, val_idx=None, held_out=None):
+        """``(fn, slope)``: ``fn(idx, times)`` = S(t | patient) [len(idx), len(times)] from the
+        network outputs ``pred_out`` [n, out_dim] of all patients; ``slope``: the calibration
+        slope applied to the risks, or ``None``."""
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,19 +213,71 @@ def cox_ph_loss(risk: Tensor, time, event, ties: str = "efron",
     return cox_ph_loss_with_flag(risk, time, event, ties=ties, reduction=reduction)[0]
 
 
-class CoxPHLoss(nn.Module):
-    """``nn.Module`` wrapper; ``last_has_events`` tells whether the last batch had any event
-    (a zero loss from an event-free batch should not be logged as a real loss value)."""
+class CoxPHLoss(SurvivalLoss):
+    """Negative Cox partial log-likelihood (``loss=cox``, alias ``deepsurv``); the network outputs
+    one log-hazard per patient, which is the risk.  ``last_has_events`` tells whether the last
+    batch had any event (a zero loss from an event-free batch should not be logged as a real loss
+    value)."""
+
+    name = "cox"
+    names = ("cox", "deepsurv")
+    classical = True
+    sync_log = False  # the loss of the gathered global batch: the same value on every rank
 
     def __init__(self, ties: str = "efron", reduction: str = "mean"):
         super().__init__()
         self.ties, self.reduction = ties, reduction
         self.last_has_events: bool | None = None
 
+    @classmethod
+    def from_options(cls, *, ties: str = "efron", edges=None) -> CoxPHLoss:
+        return cls(ties=ties)
+
     def forward(self, risk: Tensor, time, event) -> Tensor:
         loss, self.last_has_events = cox_ph_loss_with_flag(risk, time, event, self.ties,
                                                            self.reduction)
         return loss
+
+    @property
+    def out_dim(self) -> int:
+        return 1
+
+    def risk(self, out: Tensor) -> Tensor:
+        return out[:, 0]
+
+    def batch_loss(self, out: Tensor, batch: dict) -> tuple[Tensor, bool, int]:
+        """Risk sets of the global batch (gathered across ranks); mean over its events."""
+        from netsurv.training.ddp import global_cox_loss
+
+        loss, self.last_has_events, n = global_cox_loss(out[:, 0], batch["time"],
+                                                        batch["event"], ties=self.ties)
+        return loss, self.last_has_events, n
+
+    def survival_fn(self, pred_out, fit_idx, time, event, val_idx=None, held_out=None):
+        """A network's log-hazard is over-dispersed on new patients (it was fitted on the fit
+        patients), which makes its curves overconfident.  The calibration slope (one-covariate
+        Cox fit of the inner-validation patients' risks, :func:`netsurv.survival.calibration.
+        calibration_slope`) shrinks it, and the Breslow baseline hazard (the package's one,
+        :class:`netsurv.survival.breslow.Breslow`) is fitted on the training patients' shrunk
+        risks.  ``held_out``: ``(positions, risks)`` of out-of-fold risks (inner folds) to fit
+        the slope on instead of ``val_idx``.  Without either the slope is 1 and Breslow uses the
+        fit patients."""
+        from netsurv.survival.breslow import Breslow
+        from netsurv.survival.calibration import calibration_slope
+
+        risk = pred_out[:, 0]
+        slope, idx = 1.0, np.asarray(fit_idx)
+        if held_out is not None:
+            hp, hr = held_out
+            slope = calibration_slope(hr, time[hp], event[hp])
+        elif val_idx is not None and len(val_idx):
+            slope = calibration_slope(risk[val_idx], time[val_idx], event[val_idx])
+            idx = np.concatenate([idx, np.asarray(val_idx)])
+        br = Breslow().fit(slope * risk[idx], time[idx], event[idx])
+
+        def fn(idx, times):
+            return br.survival(slope * risk[idx], times)
+        return fn, float(slope)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,12 +446,55 @@ def risk_from_logits(logits: Tensor, edges=None) -> Tensor:
     return -(s[:, :-1] * widths).sum(1)
 
 
-class LogisticHazardLoss(nn.Module):
-    """``nn.Module`` wrapper of :func:`nll_logistic_hazard`."""
+class LogisticHazardLoss(SurvivalLoss):
+    """Discrete-time logistic-hazard NLL (``loss=nll``, :func:`nll_logistic_hazard`); the network
+    outputs one hazard logit per time bin (``edges``: the fitted :class:`TimeBins` edges, trained
+    on their ``bin`` / ``bin_event`` targets) and the risk is minus the restricted mean survival
+    time (:func:`risk_from_logits`)."""
 
-    def __init__(self, reduction: str = "mean"):
+    name = "nll"
+    names = ("nll",)
+    needs_bins = True
+    sync_log = True  # rank shares whose mean is the global mean
+
+    def __init__(self, reduction: str = "mean", edges=None):
         super().__init__()
         self.reduction = reduction
+        self.edges = None if edges is None else np.asarray(edges, float)
+
+    @classmethod
+    def from_options(cls, *, ties: str = "efron", edges=None) -> LogisticHazardLoss:
+        return cls(edges=edges)
 
     def forward(self, logits: Tensor, idx, event) -> Tensor:
         return nll_logistic_hazard(logits, idx, event, self.reduction)
+
+    def _edges(self) -> np.ndarray:
+        if self.edges is None:
+            raise ValueError("LogisticHazardLoss: no time-bin edges (make_loss(..., edges=))")
+        return self.edges
+
+    @property
+    def out_dim(self) -> int:
+        return len(self._edges())
+
+    def risk(self, out: Tensor) -> Tensor:
+        return risk_from_logits(out, self.edges)
+
+    def batch_loss(self, out: Tensor, batch: dict) -> tuple[Tensor, bool, int]:
+        """Mean over the global batch (under DDP each rank returns its share)."""
+        from netsurv.training.ddp import global_nll_loss
+
+        loss, n = global_nll_loss(out, batch["bin"], batch["bin_event"])
+        return loss, True, n
+
+    def survival_fn(self, pred_out, fit_idx, time, event, val_idx=None, held_out=None):
+        """The model's own discrete survival curve, a step function over the bin edges (slope
+        ``None``)."""
+        edges = self._edges()
+        surv = hazard_to_survival(torch.as_tensor(pred_out)).numpy()
+
+        def fn(idx, times):
+            j = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, len(edges) - 1)
+            return surv[idx][:, j]
+        return fn, None

@@ -12,6 +12,10 @@ and event gathered across ranks with gradients; :mod:`netsurv.training.ddp`), so
 the averaged gradient equal those of one process on the same batch; the NLL is averaged over
 the global batch.
 
+The loss is an object (:class:`netsurv.survival.losses.SurvivalLoss`, built by
+:func:`~netsurv.survival.losses.make_loss` from a ``loss=`` name): it computes the batch loss,
+the risk from the network output and the output size, so the module never switches on the name.
+
 Validation / test C-index is computed once per epoch on all patients of the set (each on
 exactly one process, gathered without padding), logged as ``val/cindex`` and ``test/cindex``.
 Model selection (checkpoint, early stopping) monitors ``val/cindex_smooth``: the mean ``val/cindex`` of the last
@@ -30,23 +34,31 @@ import lightning as L
 import numpy as np
 import torch
 
-from netsurv.survival.losses import canonical_loss, risk_from_logits
+from netsurv.survival.losses import SurvivalLoss, make_loss
 from netsurv.survival.metrics import MetricError, harrell_cindex
-from netsurv.training.ddp import gather_cat, global_cox_loss, global_nll_loss
+from netsurv.training.ddp import gather_cat
 
 __all__ = ["SurvivalModule"]
 
 
 class SurvivalModule(L.LightningModule):
-    def __init__(self, net: torch.nn.Module, loss: str = "cox", ties: str = "efron",
-                 edges=None, lr: float = 2e-4, weight_decay: float = 1e-2,
-                 select_after: int = 0, smooth: int = 1, snapshots: bool = False,
-                 record_val: bool = False, keep_last: int = 0):
+    def __init__(self, net: torch.nn.Module, loss: str | SurvivalLoss = "cox",
+                 ties: str | None = None, edges=None, lr: float = 2e-4,
+                 weight_decay: float = 1e-2, select_after: int = 0, smooth: int = 1,
+                 snapshots: bool = False, record_val: bool = False, keep_last: int = 0):
+        """``loss``: a :class:`SurvivalLoss` object, or a ``loss=`` name built here with
+        :func:`make_loss` and ``ties`` (default "efron") / ``edges`` (which only go with a
+        name)."""
         super().__init__()
         self.net = net
-        self.loss_name = canonical_loss(loss)
-        self.ties = ties
-        self.edges = None if edges is None else np.asarray(edges, float)
+        if isinstance(loss, SurvivalLoss):
+            if ties is not None or edges is not None:
+                raise TypeError("SurvivalModule: ties/edges go with a loss name; a loss object "
+                                "already has them (make_loss(name, ties=..., edges=...))")
+            self.criterion = loss
+        else:
+            self.criterion = make_loss(loss, ties="efron" if ties is None else ties,
+                                       edges=edges)
         self.lr, self.weight_decay = lr, weight_decay
         self.select_after, self.smooth = int(select_after), max(1, int(smooth))
         self.val_history: list[float] = []
@@ -65,11 +77,20 @@ class SurvivalModule(L.LightningModule):
         if self.keep_last:
             self._window = deque(maxlen=self.keep_last)
 
+    # -- the loss -----------------------------------------------------------------------------
+    @property
+    def loss_name(self) -> str:
+        """Canonical name of the loss ("cox" | "nll"), as saved with models."""
+        return self.criterion.name
+
+    @property
+    def edges(self) -> np.ndarray | None:
+        """Time-bin edges of a discrete-time loss (``None`` for Cox)."""
+        return self.criterion.edges
+
     # -- outputs ------------------------------------------------------------------------------
     def risk(self, out: torch.Tensor) -> torch.Tensor:
-        if self.loss_name == "cox":
-            return out[:, 0]
-        return risk_from_logits(out, self.edges)
+        return self.criterion.risk(out)
 
     def forward(self, batch):
         return self.net(batch)
@@ -77,10 +98,7 @@ class SurvivalModule(L.LightningModule):
     def _loss(self, out, batch):
         """(loss of the global batch, whether it has an event, global batch size); in one
         process the global batch is this batch."""
-        if self.loss_name == "cox":
-            return global_cox_loss(out[:, 0], batch["time"], batch["event"], ties=self.ties)
-        loss, n = global_nll_loss(out, batch["bin"], batch["bin_event"])
-        return loss, True, n
+        return self.criterion.batch_loss(out, batch)
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -91,7 +109,7 @@ class SurvivalModule(L.LightningModule):
         # Cox: the same global value on every rank; NLL: rank shares whose mean is the global
         # mean, hence sync_dist (a no-op in one process)
         self.log("train/loss", loss, batch_size=n, on_epoch=True, on_step=False,
-                 sync_dist=self.loss_name != "cox")
+                 sync_dist=self.criterion.sync_log)
         return loss
 
     def _eval_step(self, stage, batch):
@@ -219,4 +237,4 @@ class SurvivalModule(L.LightningModule):
                 "attention": res["attention"] or None}
 
     def _out_dim(self) -> int:
-        return 1 if self.loss_name == "cox" else len(self.edges)
+        return self.criterion.out_dim

@@ -340,3 +340,118 @@ def test_breslow_loglik_of_coxnet_is_finite_and_exact():
     assert ll == pytest.approx(-neg_log_pl_mpmath(eta, t, e, "breslow"), rel=1e-12)
     assert ll == pytest.approx(-cox_ph_loss(torch.tensor(eta, dtype=DT), t, e, "breslow",
                                             "sum").item(), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss objects: the training module uses the object; no loss-name switches elsewhere
+# --------------------------------------------------------------------------------------------
+def test_make_loss_builds_the_objects_and_rejects_unknown_names():
+    from netsurv.survival.losses import LOSSES, canonical_loss, make_loss
+
+    cox = make_loss("deepsurv", ties="breslow")
+    assert isinstance(cox, CoxPHLoss) and cox.ties == "breslow" and cox.out_dim == 1
+    assert cox.name == canonical_loss("deepsurv") == "cox" and cox.classical
+    nll = make_loss("nll", edges=[0.0, 1.0, 3.0])
+    assert isinstance(nll, LogisticHazardLoss) and nll.needs_bins and nll.out_dim == 3
+    assert set(LOSSES) == {"cox", "deepsurv", "nll"}
+    with pytest.raises(ValueError, match=r"loss='weibull': choose one of \['cox', 'deepsurv', "
+                                         r"'nll'\]"):
+        make_loss("weibull")
+
+
+def test_module_calls_the_loss_object_it_was_given():
+    from netsurv.survival.losses import SurvivalLoss
+    from netsurv.training.module import SurvivalModule
+
+    class Recording(SurvivalLoss):  # no ``names``: not registered in LOSSES
+        name = "recording"
+        sync_log = False
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        @property
+        def out_dim(self):
+            return 2
+
+        def risk(self, out):
+            return out.sum(1)
+
+        def batch_loss(self, out, batch):
+            self.calls.append(batch["tag"])
+            return (out ** 2).mean(), batch["tag"] != "eventless", out.shape[0]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, batch):
+            return {"out": self.lin(batch["x"])}
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    crit = Recording()
+    mod = SurvivalModule(Net(), loss=crit)
+    mod.net.lin = net
+    mod.log = lambda *a, **k: None  # no Trainer attached
+    x = torch.randn(4, 3)
+    loss = mod.training_step({"x": x, "tag": "b0"}, 0)
+    mod.training_step({"x": x, "tag": "eventless"}, 1)
+    assert mod.criterion is crit and crit.calls == ["b0", "eventless"]
+    assert torch.equal(loss, (net(x) ** 2).mean()) and mod.eventless_batches == 1
+    assert torch.equal(mod.risk(net(x)), net(x).sum(1)) and mod._out_dim() == 2
+    assert mod.loss_name == "recording" and mod.edges is None
+    with pytest.raises(TypeError, match="loss object"):
+        SurvivalModule(net, loss=crit, edges=[0.0, 1.0])
+    # a name builds the registered object with the module's ties / edges
+    named = SurvivalModule(net, loss="nll", edges=[0.0, 2.0])
+    assert isinstance(named.criterion, LogisticHazardLoss)
+    assert np.array_equal(named.edges, [0.0, 2.0])
+
+
+def _loss_name_compares(source: str, filename: str = "<snippet>") -> list[str]:
+    """``file:line`` of every comparison of a loss name literal ("cox", "nll", "deepsurv"), also
+    as a member of a literal tuple/list/set (``x in ("cox", ...)``) or a ``case "cox":``."""
+    import ast
+
+    names = {"cox", "nll", "deepsurv"}
+
+    def is_name(node):
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(is_name(e) for e in node.elts)
+        return False
+
+    def switches(node):
+        if isinstance(node, ast.Compare):
+            return any(map(is_name, [node.left, *node.comparators]))
+        return isinstance(node, ast.MatchValue) and is_name(node.value)
+
+    return [f"{filename}:{node.lineno}" for node in ast.walk(ast.parse(source, filename))
+            if switches(node)]
+
+
+def test_loss_name_check_catches_string_switches():
+    snippet = ('if loss == "cox":\n    pass\nout = 1 if "nll" != name else 2\n'
+               'ok = name in ("deepsurv", "x")\nmatch name:\n    case "cox":\n        pass\n'
+               'fine = make_loss(name).name\ntext = "cox"\n')
+    assert sorted(_loss_name_compares(snippet)) == [f"<snippet>:{i}" for i in (1, 3, 4, 6)]
+
+
+def test_no_module_outside_losses_switches_on_a_loss_name():
+    """Per-loss behaviour lives on the loss objects (netsurv.survival.losses): anywhere else a
+    comparison with "cox" / "nll" is a name switch that a new loss would have to extend."""
+    from pathlib import Path
+
+    import netsurv
+
+    root = Path(netsurv.__file__).parent
+    losses = root / "survival" / "losses.py"
+    files = sorted(p for p in root.rglob("*.py") if p != losses)
+    assert len(files) > 20
+    hits = [h for p in files
+            for h in _loss_name_compares(p.read_text(), str(p.relative_to(root.parent)))]
+    assert hits == []
