@@ -21,84 +21,16 @@ single-process computation.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 from torch.utils.data import Sampler
 
-from netsurv.survival.losses import cox_ph_loss_with_flag, nll_logistic_hazard
+# the global losses live beside the loss objects that call them (survival.losses; imported
+# from here they would make survival -> training -> survival an import cycle)
+from netsurv.survival.losses import gather_cat, global_cox_loss, global_nll_loss, rank_world
 
 __all__ = ["rank_world", "gather_cat", "global_cox_loss", "global_nll_loss",
            "GlobalBatchSampler", "eval_shard", "eval_batches"]
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised default process group; (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_cat(x: Tensor, *, grad: bool = False) -> Tensor:
-    """``x`` of every rank concatenated along dim 0 in rank order; the ranks' lengths may differ
-    (collectives need equal shapes: padded to the longest, trimmed after).  ``grad=True``: the
-    result is differentiable (``torch.distributed.nn``); its backward sums over ranks."""
-    import torch.distributed as dist
-
-    _, world = rank_world()
-    if world == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    longest = max(sizes)
-    if x.shape[0] < longest:
-        x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - x.shape[0]))
-    if grad:
-        from torch.distributed.nn.functional import all_gather
-
-        with warnings.catch_warnings():
-            # the functional replacement is private API; this one is public and maintained
-            warnings.filterwarnings("ignore", ".*all_gather is deprecated.*", FutureWarning)
-            parts = all_gather(x.contiguous())
-    else:
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
-def global_cox_loss(risk: Tensor, time: Tensor, event: Tensor, ties: str = "efron"
-                    ) -> tuple[Tensor, bool, int]:
-    """Negative Cox partial log-likelihood (mean over events) of the global batch:
-    (loss, whether the global batch has an event, global batch size)."""
-    risk = risk.reshape(-1)
-    r = gather_cat(risk, grad=True)
-    t = gather_cat(time.reshape(-1).to(risk.dtype))
-    e = gather_cat(event.reshape(-1).to(risk.dtype))
-    loss, has_event = cox_ph_loss_with_flag(r, t, e, ties=ties)
-    return loss, has_event, int(r.shape[0])
-
-
-def global_nll_loss(logits: Tensor, idx: Tensor, event: Tensor) -> tuple[Tensor, int]:
-    """Discrete-time NLL whose DDP average is the mean over the global batch:
-    (this rank's share, global batch size).  The returned value differs per rank; the mean of
-    the ranks' values (what DDP and ``sync_dist`` average) is the global mean."""
-    import torch.distributed as dist
-
-    _, world = rank_world()
-    total = nll_logistic_hazard(logits, idx, event, reduction="sum")
-    if world == 1:
-        return total / max(1, logits.shape[0]), int(logits.shape[0])
-    n = torch.tensor([float(logits.shape[0])], device=logits.device)
-    dist.all_reduce(n)
-    n_global = int(n.item())
-    return total * world / max(1, n_global), n_global
 
 
 class GlobalBatchSampler(Sampler):

@@ -453,5 +453,5 @@ def test_no_module_outside_losses_switches_on_a_loss_name():
     files = sorted(p for p in root.rglob("*.py") if p != losses)
     assert len(files) > 20
     hits = [h for p in files
-            for h in _loss_name_compares(p.read_text(), str(p.relative_to(root.parent)))]
+            for h in _loss_name_compares(p.read_text(encoding="utf-8"), str(p.relative_to(root.parent)))]
     assert hits == []

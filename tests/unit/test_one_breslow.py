@@ -169,7 +169,7 @@ def _tiny_run(tmp_path, estimator):
         splits.append(sp)
     pd.concat(preds).to_csv(run / "predictions.csv", index=False)
     pd.concat(curves).to_csv(run / "brier_curves.csv", index=False)
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     for k, v in per.items():
         mean, sd, ci = mean_ci(list(v.values()))
         metrics[k] = {"mean": mean, "std": sd, "ci95": list(ci), "per_split": v}
@@ -235,7 +235,7 @@ def test_recomputed_curves_that_differ_say_so_beside_metrics_json_ibs(tmp_path):
 
     run, _, _ = _tiny_run(tmp_path, lambda: CoxPH(penalizer=0.1))
     (run / "brier_curves.csv").unlink()
-    m = json.loads((run / "metrics.json").read_text())
+    m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     m["ibs"] = {"mean": 0.1111, "std": 0.0222, "ci95": [0, 1],
                 "per_split": dict.fromkeys(m["ibs"]["per_split"], 0.1111)}
     (run / "metrics.json").write_text(json.dumps(m))
@@ -249,7 +249,7 @@ def test_deep_run_report_applies_the_recorded_calibration_slope(tmp_path):
     from netsurv.survival.cox import CoxPH
 
     run, _, splits = _tiny_run(tmp_path, lambda: CoxPH(penalizer=0.1))
-    m = json.loads((run / "metrics.json").read_text())
+    m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     m["training"] = {sp.name: {"calibration_slope": 0.5} for sp in splits}
     (run / "metrics.json").write_text(json.dumps(m))
     rd = F.load_run(run)
