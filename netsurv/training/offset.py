@@ -78,21 +78,16 @@ class ClassicalOffset:
 
     def state(self) -> dict:
         """What a saved model keeps to recompute the offset of new patients."""
-        def strip(pipe):
+        def part(modalities, pipe, center, **extra):
             pipe = copy.copy(pipe)
             pipe.meta = None  # the cohort's acquisition table: patient data, not a fit
-            return pipe
+            return {"modalities": list(modalities), "pipe": pipe, "center": center, **extra}
 
-        fb = None
-        if self.fallback is not None:
-            fb = {"modalities": ["clinical"], "pipe": strip(self.fallback["pipe"]),
-                  "center": self.fallback["center"]}
-        pr = None
-        if self.probe is not None:
-            pr = {"modalities": ["embeddings"], "pipe": strip(self.probe["pipe"]),
-                  "center": self.probe["center"], "weights": list(self.probe["weights"])}
-        return {"name": self.name, "modalities": list(self.modalities),
-                "pipe": strip(self.pipe), "center": self.center, "fallback": fb, "probe": pr}
+        fb, pr = self.fallback, self.probe
+        return {"name": self.name, **part(self.modalities, self.pipe, self.center),
+                "fallback": None if fb is None else part(["clinical"], fb["pipe"], fb["center"]),
+                "probe": None if pr is None else part(["embeddings"], pr["pipe"], pr["center"],
+                                                      weights=list(pr["weights"]))}
 
 
 def offset_frames(data, mods) -> dict[str, pd.DataFrame]:
@@ -220,10 +215,10 @@ def _stacked_probe(data, split, values) -> dict | None:
     test = stack_test(values[tr], probe[tr], data.time[tr], data.event[tr].astype(int))
     used = test is not None and test["p"] < p_max and test["weights"][1] > 0
     info = {"name": part["name"], "probe_p": p_max, "used": bool(used),
-            **(part["info"].get("crossfit_cindex_train") is not None
-               and {"crossfit_cindex_train": part["info"]["crossfit_cindex_train"]} or {}),
-            **({"lr_p": test["p"], "weights": list(test["weights"])} if test else
-               {"lr_p": None, "weights": None})}
+            "lr_p": test["p"] if test else None,
+            "weights": list(test["weights"]) if test else None}
+    if "crossfit_cindex_train" in part["info"]:
+        info["crossfit_cindex_train"] = part["info"]["crossfit_cindex_train"]
     return {"pipe": part["pipe"], "center": part["center"], "values": probe,
             "weights": test["weights"] if test else None, "info": info}
 
