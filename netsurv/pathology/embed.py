@@ -145,8 +145,10 @@ def _sync_batches(ds, batch_size: int, threads: int, pin: bool):
     ex = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
         for s in range(0, len(ds), batch_size):
-            idx = range(s, min(len(ds), s + batch_size))
-            tiles = np.stack(list(ex.map(ds.read, idx)) if ex else [ds.read(i) for i in idx])
+            k = min(len(ds), s + batch_size) - s
+            size = ds.plan.size_px
+            tiles = np.empty((k, size, size, 3), np.uint8)
+            ds.read_into(tiles, s, k, executor=ex)
             yield s, _to_batch(tiles, pin)
     finally:
         if ex is not None:
@@ -376,7 +378,7 @@ class _Producer:
                         buf = self._buffer(shape)
                         arr = buf.numpy()
                     k = min(self.batch_size - m, n - i)
-                    _read_into(ds, arr, m, i, k, pool)
+                    ds.read_into(arr[m:m + k], i, k, executor=pool)
                     segs.append((token, i, m, k))
                     m, i = m + k, i + k
                     if m == self.batch_size:
@@ -394,18 +396,6 @@ class _Producer:
 
 class _Closed(Exception):
     pass
-
-
-def _read_into(ds, arr: np.ndarray, m: int, i: int, k: int, pool) -> None:
-    def one(j):
-        arr[m + j] = ds.read(i + j)
-
-    if pool is not None and k > 1:
-        for _ in pool.map(one, range(k)):
-            pass
-    else:
-        for j in range(k):
-            one(j)
 
 
 @dataclass

@@ -44,7 +44,10 @@ class RawTileReader:
 
     Levels are the tiled JPEG RGB pages, identified by their pixel size (``level_for``)."""
 
-    cache_tiles = 64  # decoded file tiles kept for regions that straddle tiles
+    # decoded file tiles kept for regions that straddle tiles: at least 64, up to 128 MiB
+    # (about one row of a wide tissue region, so that the next batch's first row of regions,
+    # which shares file tiles with this batch's last row, decodes none of them again)
+    cache_tiles, cache_bytes = 64, 128 << 20
 
     def __init__(self, path):
         import tifffile
@@ -128,9 +131,15 @@ class RawTileReader:
         arr = self.decode_tile(level, tx, ty)
         with self._lock:
             self._cache[key] = arr
-            while len(self._cache) > self.cache_tiles:
-                self._cache.popitem(last=False)
+            self._trim_cache()
         return arr
+
+    def _trim_cache(self) -> None:
+        if self._cache:
+            per = next(iter(self._cache.values())).nbytes
+            cap = max(self.cache_tiles, self.cache_bytes // max(per, 1))
+            while len(self._cache) > cap:
+                self._cache.popitem(last=False)
 
     def read_level_region(self, lx: int, ly: int, level: int, size: int) -> np.ndarray:
         """``size`` x ``size`` pixels of ``level`` at (lx, ly): one decode per file tile when
@@ -171,23 +180,77 @@ class RawTileReader:
                    out: np.ndarray | None = None) -> np.ndarray:
         """(N, size, size, 3) uint8 for level-0 ``coords``; ``threads`` > 1 (or an
         ``executor`` to reuse across batches) decodes in a thread pool (the decoder releases
-        the GIL).  ``out``: optional preallocated array to fill (reuse it across batches)."""
-        coords = np.asarray(coords)
+        the GIL).  ``out``: optional preallocated array to fill (reuse it across batches).
+
+        The batch is read file tile by file tile, not region by region: the file tiles the
+        regions cover are collected first, each is decoded once (regions that straddle file
+        tiles share them; per-region reads in parallel decoded shared tiles twice, 1.5 decodes
+        per tile instead of 1.25 on a demo slide), then the regions are cut from them.  The
+        file tiles the batch's last regions used stay in the LRU cache for the next batch,
+        whose first regions are their neighbours in the tiling order."""
+        coords = np.asarray(coords).reshape(-1, 2)
+        n, size = len(coords), plan.read_size
         if out is None:
-            out = np.empty((len(coords), plan.size_px, plan.size_px, 3), np.uint8)
+            out = np.empty((n, plan.size_px, plan.size_px, 3), np.uint8)
+        if n == 0:
+            return out
+        tw, th = self.tile_size(level)
+        p = self.pages[level]
+        lxy = np.round(coords.astype(np.float64) / downsample).astype(np.int64)
+        if (lxy.min() < 0 or (lxy[:, 0] + size).max() > p.imagewidth
+                or (lxy[:, 1] + size).max() > p.imagelength):
+            raise SlideError(f"{self.path}: a region of the batch lies outside level {level}")
+        # file tiles of each region, in order of last use (dict order = the LRU order to keep)
+        spans = []
+        last_use: dict = {}
+        for lx, ly in lxy.tolist():
+            keys = [(level, tx, ty) for ty in range(ly // th, (ly + size - 1) // th + 1)
+                    for tx in range(lx // tw, (lx + size - 1) // tw + 1)]
+            spans.append(keys)
+            for k in keys:
+                last_use.pop(k, None)
+                last_use[k] = True
+        with self._lock:
+            tiles = {k: self._cache[k] for k in last_use if k in self._cache}
+        missing = [k for k in last_use if k not in tiles]
+        pool = executor
+        own = pool is None and threads and threads > 1 and len(missing) > 1
+        if own:
+            pool = ThreadPoolExecutor(threads)
+        try:
+            def decode(key):
+                return self.decode_tile(*key)
 
-        def one(i):
-            out[i] = self.read_plan(int(coords[i, 0]), int(coords[i, 1]), plan, level,
-                                    downsample)
+            many = pool is not None and len(missing) > 1
+            tiles.update(zip(missing, pool.map(decode, missing) if many else map(decode, missing)))
 
-        if executor is not None:
-            list(executor.map(one, range(len(coords))))
-        elif threads and threads > 1:
-            with ThreadPoolExecutor(threads) as ex:
-                list(ex.map(one, range(len(coords))))
-        else:
-            for i in range(len(coords)):
-                one(i)
+            def cut(rows):
+                tmp = np.empty((size, size, 3), np.uint8) if plan.resize else None
+                for i in rows:
+                    lx, ly = (int(v) for v in lxy[i])
+                    dst = tmp if plan.resize else out[i]
+                    for k in spans[i]:
+                        _, tx, ty = k
+                        x0, y0 = max(lx, tx * tw), max(ly, ty * th)
+                        x1, y1 = min(lx + size, (tx + 1) * tw), min(ly + size, (ty + 1) * th)
+                        dst[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = tiles[k][
+                            y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
+                    if plan.resize:
+                        out[i] = resize_rgb(dst, plan.size_px)
+
+            if pool is not None and n > 1:  # numpy copies and PIL resizes release the GIL
+                halves = np.array_split(np.arange(n), 2)
+                list(pool.map(cut, halves))
+            else:
+                cut(range(n))
+        finally:
+            if own:
+                pool.shutdown()
+        with self._lock:
+            for k in last_use:  # oldest use first: the batch's last file tiles end up newest
+                self._cache.pop(k, None)
+                self._cache[k] = tiles[k]
+            self._trim_cache()
         return out
 
     def close(self):

@@ -820,6 +820,17 @@ class TileDataset(_TorchDataset):
                                 float(self.attrs["read_downsample"]))
         return rd.read_plan(x, y, self.plan)
 
+    def read_into(self, out: np.ndarray, i: int, k: int, executor=None) -> None:
+        """Tiles ``i .. i+k-1`` into ``out[:k]``; the raw backend reads them as one batch
+        (each file tile decoded once, in ``executor``'s threads), openslide tile by tile."""
+        if self.backend == "raw" and k > 0:
+            rd = self._get_reader()
+            rd.read_batch(self.coords[i:i + k], self.plan, self._raw_level,
+                          float(self.attrs["read_downsample"]), executor=executor, out=out[:k])
+            return
+        for j in range(k):
+            out[j] = self.read(i + j)
+
     def __getitem__(self, i: int):
         tile = self.read(int(i))
         return self.transform(tile) if self.transform is not None else tile

@@ -90,14 +90,15 @@ def test_failures_stay_with_their_slide_and_claims_out_of_order(cohort, fp32, tm
                                                                 monkeypatch):
     enc, ref = fp32
     # s1 fails on its 4th tile, after its first tiles went into a batch shared with s0
-    real = TileDataset.read
+    real = TileDataset.read_into
 
-    def read(self, i):
-        if self.coords_path.stem == "s1" and i == 3:
+    def read_into(self, out, i, k, executor=None):
+        if self.coords_path.stem == "s1" and i <= 3 < i + k:
+            real(self, out, i, 3 - i, executor)
             raise OSError("disk error in s1")
-        return real(self, i)
+        return real(self, out, i, k, executor)
 
-    monkeypatch.setattr(TileDataset, "read", read)
+    monkeypatch.setattr(TileDataset, "read_into", read_into)
     for prefetch in (0, 1):
         out = tmp_path / f"p{prefetch}"
         out.mkdir()

@@ -410,3 +410,43 @@ def test_torch_segmentation_matches_numpy(slides):
                 cov[y // DS:y // DS + 16, x // DS:x // DS + 16] = True
         assert abs(len(ra.coords) - len(rb.coords)) <= 0.05 * len(ra.coords), name
         assert abs((ca & tis).sum() - (cb & tis).sum()) <= 0.01 * tis.sum(), name
+
+
+@pytest.mark.parametrize("resize", [False, True])
+def test_raw_batch_read_decodes_each_file_tile_once(slides, monkeypatch, resize):
+    """A batch of straddling regions equals the region-by-region reads, and each file tile
+    it covers is decoded once (shared by up to four regions), in a thread pool or not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from netsurv.pathology.slides import ReadPlan, resize_rgb
+
+    raw = RawTileReader(slides["s0"][0])
+    w, h = raw.pages[0].imagewidth, raw.pages[0].imagelength
+    rng = np.random.default_rng(1)
+    # a row-major block of unaligned 256-px regions (as gap-fill tiles are) plus strays
+    xs, ys = np.meshgrid(np.arange(37, w - 300, 256), np.arange(101, h - 300, 256))
+    coords = np.c_[np.c_[xs.ravel(), ys.ravel()].T, rng.integers(0, w - 256, (2, 5))].T
+    plan = ReadPlan(0, 256, 128 if resize else 256, 256, 0.5, 0.5, resize)
+    calls = []
+    real = RawTileReader.decode_tile
+
+    def counted(self, level, tx, ty):
+        calls.append((level, tx, ty))
+        return real(self, level, tx, ty)
+
+    want = np.stack([resize_rgb(raw.read_level_region(x, y, 0, 256), plan.size_px)
+                     for x, y in coords])
+    monkeypatch.setattr(RawTileReader, "decode_tile", counted)
+    for ex in (None, ThreadPoolExecutor(2)):
+        raw._cache.clear()
+        calls.clear()
+        got = raw.read_batch(coords, plan, 0, 1.0, executor=ex)
+        np.testing.assert_array_equal(got, want)
+        covered = {(0, tx, ty) for x, y in coords for tx in range(x // 256, (x + 255) // 256 + 1)
+                   for ty in range(y // 256, (y + 255) // 256 + 1)}
+        assert sorted(calls) == sorted(covered)  # each once, none more
+        calls.clear()  # the next batch starts where this one ended: its tiles are cached
+        raw.read_batch(coords[-3:], plan, 0, 1.0, executor=ex)
+        assert calls == []
+    with pytest.raises(Exception, match="outside level 0"):
+        raw.read_batch(np.array([[w - 100, 0]]), plan, 0, 1.0)

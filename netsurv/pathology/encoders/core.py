@@ -158,12 +158,18 @@ class Encoder:
         # channels-last encoders get NHWC memory straight away (HWC tiles already are: no copies)
         cl = self.channels_last
         y = x.to(torch.float32, memory_format=torch.channels_last if cl else torch.contiguous_format)
-        # normalised in place in one pass, x * (1/std) + (-mean/std), along the memory's own
-        # channel axis (the NHWC view: a broadcast over the last axis is the cheap one)
-        v, shape = (y.permute(0, 2, 3, 1), (3,)) if cl else (y, (1, 3, 1, 1))
+        # normalised in place in one pass, x * (1/std) + (-mean/std), over rows of the memory
+        # as it lies: NHWC rows [W*3] against the per-channel factors repeated W times (a
+        # broadcast over a 3-long last axis vectorises badly: 3x slower), NCHW planes [H*W]
         inv_std = 1.0 / (torch.tensor(self.std, device=y.device) * scale)
         shift = -torch.tensor(self.mean, device=y.device) * scale * inv_std
-        torch.addcmul(shift.view(shape), v, inv_std.view(shape), out=v)
+        if cl:
+            w = y.shape[-1]
+            v = y.permute(0, 2, 3, 1).view(-1, w * 3)  # NHWC memory is contiguous: a view
+            torch.addcmul(shift.repeat(w), v, inv_std.repeat(w), out=v)
+        else:
+            v = y.view(y.shape[0], 3, -1)
+            torch.addcmul(shift.view(1, 3, 1), v, inv_std.view(1, 3, 1), out=v)
         return y
 
     def resize_to(self, h: int, w: int) -> tuple[int, int] | None:
