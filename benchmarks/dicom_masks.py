@@ -43,7 +43,7 @@ from test_dicom_masks import (  # noqa: E402
     write_series,
 )
 
-from netsurv.cohort.demo_ct import write_demo_ct  # noqa: E402
+from netsurv.demo.ct import write_demo_ct  # noqa: E402
 from netsurv.radiology import radiomics as R  # noqa: E402
 from netsurv.radiology.volumes import load_case  # noqa: E402
 

@@ -56,7 +56,7 @@ import torch
 
 
 def make_slide(path: Path, seed: int, um: float) -> Path:
-    from netsurv.cohort.demo_wsi import write_demo_slide
+    from netsurv.demo.wsi import write_demo_slide
 
     write_demo_slide(path, rng=np.random.default_rng(seed), density_z=0.0, size_z=0.0,
                      pleomorphism_z=0.0, mpp=0.5, width_um=um, height_um=um)

@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:  # run from anywhere without installing
 
 def _write_slide(args):
     path, seed, um = args
-    from netsurv.cohort.demo_wsi import write_demo_slide
+    from netsurv.demo.wsi import write_demo_slide
 
     write_demo_slide(path, rng=np.random.default_rng(seed), density_z=0.0, size_z=0.0,
                      pleomorphism_z=0.0, mpp=0.5, width_um=um, height_um=um)

@@ -110,7 +110,7 @@ def main():
     meta = table.set_index("patient_id")[["scanner"]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        Z = ComBat(batch_col="scanner").fit(X[keep], meta).transform(X[keep], meta)
+        Z = ComBat(batch_col="scanner").fit(X[keep], meta=meta).transform(X[keep], meta=meta)
     before = scanner_effect(table, keep)
     after = scanner_effect(Z.join(meta).reset_index(), keep)
     print(f"\nscanner effect (Kruskal-Wallis p < 0.05) over {len(keep)} original features, "

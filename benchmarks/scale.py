@@ -76,8 +76,8 @@ def make_features(root: Path, n: int, tiles: int, dim: int, seed: int = 0) -> Pa
 def make_cohort(root: Path, n: int, feats: Path) -> Path:
     import pandas as pd
 
-    from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
     from netsurv.cohort.schema import SLIDES_REQUIRED
+    from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 
     d = root / f"cohort_{n}"
     d.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def one(args) -> dict:
         return out
     td.load_wsi = timed_wsi
 
-    overrides = [f"experiment={args.experiment}", f"model={args.model}", "data=cohort",
+    overrides = [f"experiment={args.experiment}", f"net={args.model}", "data=cohort",
                  f"data.root={args.cohort}", f"embeddings.dir={args.features}",
                  "evaluation.seeds=[0]", "optim.max_epochs=1", "optim.min_epochs=1",
                  "optim.patience=0", f"optim.max_instances={args.max_instances}",

@@ -34,7 +34,7 @@ def bench_slide(path: Path | None) -> Path:
     cache = Path(os.environ.get("NETSURV_CACHE", Path.home() / ".cache" / "netsurv")) / "bench"
     p = cache / "demo_40960_mpp0.5.tiff"
     if not p.is_file():
-        from netsurv.cohort.demo_wsi import write_demo_slide
+        from netsurv.demo.wsi import write_demo_slide
 
         cache.mkdir(parents=True, exist_ok=True)
         print(f"generating {p} (40960² px, ~1-2 min) ...", flush=True)

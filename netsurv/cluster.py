@@ -8,11 +8,13 @@
   memory, time limit, cancelled); and the trainer is checked against the requested resources
   before anything is submitted (one task per device for DDP, GPUs only when the trainer uses
   them).
-* :func:`make_trainer` builds the ``lightning.Trainer`` of one split from ``cfg.trainer``:
-  ``precision: auto`` / ``devices: auto`` / ``num_nodes: auto`` follow the accelerator and the
-  processes torchrun or SLURM started, Lightning's own SLURM auto-requeue is off (submitit
-  requeues the job, the runner resumes it), and a multi-process DDP that Lightning would have
-  to start by re-executing the command line is refused (see :func:`check_trainer`).
+* :func:`make_trainer` builds the ``lightning.Trainer`` of one split from ``cfg.trainer`` (its
+  ``_target_``, with ``hydra.utils.instantiate``): the OmegaConf resolvers
+  ``${netsurv.precision:<accelerator>}`` / ``${netsurv.num_nodes:}`` (:func:`register_resolvers`)
+  and ``devices: auto`` follow the accelerator and the processes torchrun or SLURM started,
+  Lightning's own SLURM auto-requeue is off (submitit requeues the job, the runner resumes it),
+  and a multi-process DDP that Lightning would have to start by re-executing the command line
+  is refused (see :func:`check_trainer`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepJobsMixin", "make_trainer", "trainer_kwargs", "check_trainer", "LaunchError"]
+__all__ = ["SweepJobsMixin", "make_trainer", "trainer_kwargs", "check_trainer", "LaunchError",
+           "register_resolvers"]
 
 
 class LaunchError(RuntimeError):
@@ -78,10 +81,29 @@ def auto_precision(accelerator: str) -> str:
     return "32-true"
 
 
-def trainer_kwargs(trainer_cfg: DictConfig | dict) -> dict[str, Any]:
-    """Lightning Trainer keyword arguments from ``cfg.trainer``.
+def auto_num_nodes() -> int:
+    """The node count of the torchrun / SLURM launch of this process, 1 without one."""
+    topo = _external_topology()
+    return topo[1] if topo is not None else 1
 
-    ``precision: auto`` -> :func:`auto_precision`; ``devices: auto`` -> one device per process
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers of the trainer configs (registered when netsurv is imported), so that
+    ``cfg.trainer`` holds Lightning Trainer arguments only, computed in each process:
+    ``${netsurv.precision:<accelerator>}`` -> :func:`auto_precision`,
+    ``${netsurv.num_nodes:}`` -> :func:`auto_num_nodes`."""
+    OmegaConf.register_new_resolver("netsurv.precision",
+                                    lambda acc="auto": auto_precision(str(acc)), replace=True)
+    OmegaConf.register_new_resolver("netsurv.num_nodes", auto_num_nodes, replace=True)
+
+
+def trainer_kwargs(trainer_cfg: DictConfig | dict) -> dict[str, Any]:
+    """Lightning Trainer keyword arguments from ``cfg.trainer`` (resolved, without ``_target_``).
+
+    The resolvers of :func:`register_resolvers` compute precision / num_nodes; the older values
+    ``precision: auto`` -> :func:`auto_precision` and ``num_nodes: auto`` (below) are still
+    understood (configs written before the trainer configs had a ``_target_``).
+    ``devices: auto`` -> one device per process
     when torchrun/SLURM started the processes (Lightning wants devices = processes per node and
     would otherwise count 1 CPU or all GPUs), else Lightning's auto; ``num_nodes: auto`` -> the
     launcher's node count, else 1.  The cluster environment is the one netsurv.distributed
@@ -167,13 +189,17 @@ def check_trainer(trainer_cfg) -> None:
 
 
 def make_trainer(trainer_cfg, **kwargs):
-    """``lightning.Trainer(**trainer_kwargs(trainer_cfg), **kwargs)``, refusing a DDP run whose
-    processes nobody started (:func:`_refuse_script_relaunch`)."""
-    import lightning as L
+    """``hydra.utils.instantiate(trainer_cfg, **resolved, **kwargs)``: the config's Trainer
+    (``_target_``, ``lightning.pytorch.Trainer``) with the values :func:`trainer_kwargs` resolves
+    for this process (devices, num_nodes, precision, cluster environment) and the run's own
+    ``kwargs`` (callbacks, logger, epochs, ...), refusing a DDP run whose processes nobody
+    started (:func:`_refuse_script_relaunch`)."""
+    from hydra.utils import instantiate
 
     kw = trainer_kwargs(trainer_cfg)
     kw.update(kwargs)
-    trainer = L.Trainer(**kw)
+    # the callbacks / loggers / plugins objects reach the Trainer as they are (not copies)
+    trainer = instantiate(trainer_cfg, **kw)
     _refuse_script_relaunch(trainer)
     return trainer
 
@@ -284,6 +310,11 @@ class SweepJobsMixin:
     survive failed jobs, resources checked against the trainer."""
 
     def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
+        """Run one sweep job inside its SLURM task; re-raise the job's exception if it failed.
+
+        Hydra's ``run_job`` returns a failed job's exception inside its ``JobReturn``; raising it
+        here makes submitit record the error and the task exit non-zero (SLURM state FAILED).
+        """
         # Runs inside the SLURM job (every task).  Hydra's run_job catches the task's exception
         # and returns it in a JobReturn: submitit would pickle that as a success and SLURM would
         # call the job COMPLETED.  Re-raising makes submitit record the error, Python print the
@@ -316,6 +347,24 @@ class SweepJobsMixin:
         return executor
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        """Submit the sweep's jobs as one job array and wait for all of them.
+
+        Unlike Hydra's ``launch``, a failed job does not stop the collection of the others: it
+        becomes a FAILED ``JobReturn`` (recorded in the sweep's results table when the job could
+        not record itself), and the results table is rewritten with every job.
+
+        Parameters
+        ----------
+        job_overrides : sequence of sequence of str
+            The overrides of each job of the batch.
+        initial_job_idx : int
+            Job number of the first job of the batch.
+
+        Returns
+        -------
+        list of JobReturn
+            One per job, in submission order.
+        """
         # Hydra's launch() returns [job.results()[0] for job in jobs]: the first failed job
         # raises there and the remaining results are never collected.  Written here instead:
         # the same submission, then every job is waited for; failures become FAILED JobReturns

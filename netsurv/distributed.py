@@ -30,6 +30,20 @@ _STAGE_GROUP = None
 
 @dataclass(frozen=True)
 class DistEnv:
+    """Position of this process in the job (see :func:`dist_env`).
+
+    Attributes
+    ----------
+    rank : int
+        Global rank, 0 in a single process.
+    world_size : int
+        Number of processes.
+    local_rank : int
+        Rank on this node (selects the GPU, see :func:`device_for`).
+    source : str
+        Where the values came from: ``"single"``, ``"torchrun"`` or ``"slurm"``.
+    """
+
     rank: int
     world_size: int
     local_rank: int
@@ -37,6 +51,7 @@ class DistEnv:
 
     @property
     def is_zero(self) -> bool:
+        """True on rank 0 (the process that writes run outputs)."""
         return self.rank == 0
 
 
@@ -77,10 +92,12 @@ def dist_env(env=None) -> DistEnv:
 
 
 def is_distributed(env: DistEnv | None = None) -> bool:
+    """True when the job has more than one process (``env`` defaults to :func:`dist_env`)."""
     return (env or dist_env()).world_size > 1
 
 
 def is_rank_zero(env: DistEnv | None = None) -> bool:
+    """True on rank 0 (``env`` defaults to :func:`dist_env`)."""
     return (env or dist_env()).rank == 0
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 
 
 @pytest.fixture

@@ -53,6 +53,24 @@ class CohortWarning(UserWarning):
 
 @dataclass
 class Cohort:
+    """A validated cohort, as :func:`load_cohort` returns it.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+        The cohort folder.
+    clinical : pandas.DataFrame
+        clinical.csv, indexed by ``patient_id`` (str).
+    slides : pandas.DataFrame or None
+        slides.csv (``patient_id``, ``slide_id``, ``path``, optional ``mpp``, ``problem``).
+    ct : pandas.DataFrame or None
+        ct.csv (``patient_id``, ``image``, ``mask`` with absolute paths, acquisition columns).
+    features : dict of str to pandas.DataFrame
+        Feature tables by name, each indexed by ``patient_id``.
+    truth : pandas.DataFrame or None
+        truth.csv (demo cohorts only): ``true_risk`` indexed by ``patient_id``.
+    """
+
     root: Path
     clinical: pd.DataFrame                     # indexed by patient_id (str)
     slides: pd.DataFrame | None = None         # patient_id, slide_id, path (absolute)?, mpp?, problem
@@ -62,6 +80,7 @@ class Cohort:
 
     @property
     def patients(self) -> list[str]:
+        """Patient ids in clinical.csv order (the order of every per-patient array)."""
         return list(self.clinical.index)
 
     def endpoint(self, target: str) -> tuple[np.ndarray, np.ndarray]:
@@ -468,6 +487,26 @@ def load_ct(path: Path, root: Path, known: set[str], check_files: bool = True) -
 
 
 def load_feature_table(path: Path, known: set[str]) -> pd.DataFrame:
+    """Read and validate a feature table: ``patient_id`` plus numeric columns, one row per patient.
+
+    Parameters
+    ----------
+    path
+        The CSV file.
+    known
+        Patient ids of clinical.csv; every row's ``patient_id`` must be one of them.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table indexed by ``patient_id``.
+
+    Raises
+    ------
+    CohortError
+        If ``patient_id`` is missing or duplicated, names a patient not in ``known``, or a
+        feature column is not numeric.
+    """
     df = read_table(path)
     _require_columns(df, ["patient_id"], path)
     _check_ids(df, path)

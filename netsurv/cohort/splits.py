@@ -9,13 +9,18 @@ from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedShuffleSp
 
 @dataclass(frozen=True)
 class Split:
+    """One evaluation split: a name and the train / test patients as integer positions.
+
+    Positions index the cohort's patient order (:attr:`netsurv.cohort.schema.Cohort.patients`).
+    """
+
     name: str
     train: np.ndarray  # integer positions into the cohort's patient order
     test: np.ndarray
 
 
 class SplitError(ValueError):
-    pass
+    """The requested splits cannot be made or fitted with this cohort's events."""
 
 
 def holdout_splits(event, *, seeds=(0, 1, 2, 3, 4), test_size: float = 0.3) -> list[Split]:

@@ -28,6 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from netsurv.evaluation.records import RunData, SplitFit
+from netsurv.modalities import WSI
 from netsurv.survival.metrics import (
     MetricError,
     bootstrap_ci,
@@ -43,15 +44,17 @@ from netsurv.survival.metrics import (
 log = logging.getLogger(__name__)
 
 N_BOOT, SEED = 500, 0          # as the per-split bootstrap CI of the C-index (runner)
-TABULAR_SKIP = ("wsi",)        # modalities a classical pipeline cannot take
+TABULAR_SKIP = (WSI,)        # modalities a classical pipeline cannot take
 
 
 def wants_baseline(cfg: DictConfig) -> bool:
+    """Whether the run asks for a classical baseline (a ``baseline`` group other than ``none``)."""
     b = cfg.get("baseline")
     return b is not None and str(b.get("name", "none")) != "none"
 
 
 def tabular_modalities(cfg: DictConfig) -> list[str]:
+    """The run's modalities a classical pipeline can take (all but the slides)."""
     return [m for m in cfg.modalities if m not in TABULAR_SKIP]
 
 
@@ -67,8 +70,8 @@ def _baseline_cfg(cfg: DictConfig, mods, spec=None) -> DictConfig:
     spec = cfg.baseline if spec is None else spec
     out = cfg.copy()
     with open_dict(out):
-        out.model = OmegaConf.create({**{k: spec[k] for k in spec if k != "name"},
-                                      "kind": "classical"})
+        out.model = OmegaConf.create({k: spec[k] for k in spec if k != "name"})
+        out.net = None  # a classical fit (netsurv.evaluation.groups.is_deep)
         out.modalities = list(mods)
     return out
 

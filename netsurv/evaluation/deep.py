@@ -31,9 +31,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from netsurv.evaluation.groups import net_top_k
 from netsurv.evaluation.inputs import make_harmonizer
 from netsurv.evaluation.records import RunData, SplitFit
 from netsurv.features.select import UnivariateCoxSelector
+from netsurv.modalities import CLINICAL, WSI
 from netsurv.survival.metrics import cindex_or_none
 
 log = logging.getLogger(__name__)
@@ -48,13 +50,29 @@ class ImagingSteps:
         self.block, self.k, self.meta = block, k, meta
 
     def fit_transform(self, X: pd.DataFrame, y) -> pd.DataFrame:
-        Z = self.block.fit_transform(X, y, self.meta)
+        """Fit the block and the top-k Cox selector on ``X`` (fit patients) and transform ``X``.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            The modality's feature table, one row per fit patient.
+        y : tuple of array-like
+            ``(time, event)`` of the rows of ``X``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            The block's output restricted to the ``k`` selected features (all with ``k="all"``
+            or ``None``; at most the number of columns the block keeps).
+        """
+        Z = self.block.fit_transform(X, y, meta=self.meta)
         k = "all" if self.k in (None, "all") else min(int(self.k), Z.shape[1])
         self.sel_ = UnivariateCoxSelector(k=k, min_events_per_feature=None).fit(Z, y)
         return self.sel_.transform(Z)
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
-        return self.sel_.transform(self.block.transform(X, self.meta))
+        """Apply the fitted block and the fitted feature selection to ``X``."""
+        return self.sel_.transform(self.block.transform(X, meta=self.meta))
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,10 +89,12 @@ def load_wsi(cohort, cfg: DictConfig, patients):
 
 
 def bag_patients(bags) -> set[str]:
+    """The patient IDs with a tile-embedding bag in ``bags`` (empty set for ``None``)."""
     return set() if bags is None else set(bags)
 
 
 def bag_dim(bags) -> int:
+    """The tile-embedding size of ``bags`` (0 for ``None``)."""
     return 0 if bags is None else int(bags.dim)
 
 
@@ -100,18 +120,42 @@ def eval_batch_sampler(cfg: DictConfig, bags):
 
 # --------------------------------------------------------------------------------------------
 def build_net(cfg: DictConfig, dims: dict[str, int], out_dim: int, offset: bool = False):
+    """Build the :class:`~netsurv.models.fusion.SurvivalNet` of the run's config.
+
+    The ``wsi`` branch is ``cfg.net.mil`` instantiated on the embedding size; every tabular
+    modality gets a :class:`~netsurv.models.fusion.TabularMLP` from ``cfg.tabular``; the
+    branches feed ``cfg.fusion.module``.  With ``cfg.tabular.linear`` the tabular modalities
+    also get a linear term on the output.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The run's config (``net``, ``tabular``, ``fusion`` groups).
+    dims : dict of str to int
+        Input size per modality (tile-embedding size for ``wsi``, column count otherwise).
+    out_dim : int
+        Output size: 1 for a Cox log-hazard, the number of time bins for discrete-time heads.
+    offset : bool, default False
+        Whether the network adds a classical model's linear predictor (``batch["offset"]``)
+        to its output.
+
+    Returns
+    -------
+    netsurv.models.fusion.SurvivalNet
+        The untrained network.
+    """
     from netsurv.models.fusion import SurvivalNet, TabularMLP
 
     branches = {}
     for m, d in dims.items():
-        if m == "wsi":
-            branches[m] = instantiate(cfg.model.mil, in_dim=d)
+        if m == WSI:
+            branches[m] = instantiate(cfg.net.mil, in_dim=d)
         else:
             branches[m] = TabularMLP(d, dim=int(cfg.tabular.dim), hidden=list(cfg.tabular.hidden),
                                      dropout=float(cfg.tabular.dropout))
     emb = {m: int(b.dim) for m, b in branches.items()}
     fusion = instantiate(cfg.fusion.module, dims=emb, out_dim=out_dim)
-    linear = ({m: d for m, d in dims.items() if m != "wsi"}
+    linear = ({m: d for m, d in dims.items() if m != WSI}
               if bool(cfg.tabular.get("linear", False)) else None)
     return SurvivalNet(branches, fusion, modality_dropout=float(cfg.fusion.modality_dropout),
                        linear=linear, offset=offset)
@@ -122,19 +166,22 @@ def make_trainer(cfg: DictConfig, out: Path, split: str, ckdir: Path):
     ``default_root_dir`` = the split's checkpoint folder (where Lightning's SLURM handler
     puts ``hpc_ckpt_*.ckpt``)."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     from netsurv.cluster import make_trainer as lightning_trainer
+    from netsurv.training.trainer_parts import make_callbacks, make_loggers
 
     # Lightning's banner (GPU/TPU availability, tips) would repeat once per split
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     oc = cfg.optim
+    # added here, not by the `callbacks` config group: the training protocol needs them (the
+    # best checkpoint is the chosen model, last.ckpt is what a requeued job resumes from, early
+    # stopping follows optim.patience on the same smoothed C-index); cfg.callbacks come on top
     ckpt = ModelCheckpoint(dirpath=ckdir, filename="best", monitor="val/cindex_smooth",
                            mode="max", save_top_k=1, enable_version_counter=False)
     # the latest epoch, for resuming (save_last=True writes only when "best" changes)
     latest = ModelCheckpoint(dirpath=ckdir, filename="last", monitor=None, save_top_k=1,
                              every_n_epochs=1, enable_version_counter=False)
-    callbacks = [ckpt, latest]
+    callbacks = [ckpt, latest, *make_callbacks(cfg)]
     if oc.patience:
         callbacks.append(EarlyStopping(monitor="val/cindex_smooth", mode="max",
                                        patience=int(oc.patience)))
@@ -143,7 +190,7 @@ def make_trainer(cfg: DictConfig, out: Path, split: str, ckdir: Path):
     # itself (global batches, no padding), hence no distributed sampler from Lightning
     trainer = lightning_trainer(cfg.trainer, max_epochs=int(oc.max_epochs),
                                 min_epochs=int(oc.get("min_epochs", 0)), callbacks=callbacks,
-                                logger=CSVLogger(out / "logs", name=split, version=""),
+                                logger=make_loggers(cfg, out, split) or False,
                                 default_root_dir=ckdir, use_distributed_sampler=False)
     return trainer, ckpt
 
@@ -208,7 +255,7 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
 
     from netsurv.distributed import broadcast_object, dist_env
     from netsurv.models.classical import ImagingBlock
-    from netsurv.survival.losses import TimeBins, make_loss
+    from netsurv.survival.losses import TimeBins
     from netsurv.training.datamodule import PatientDataset, TabularSteps, inner_split
     from netsurv.training.offset import fit_offset
 
@@ -228,27 +275,25 @@ def fit_split(data: RunData, split, out: Path, key: str) -> SplitFit | None:
     off = fit_offset(data, split)
 
     def make_steps(m):
-        if m == "clinical":
+        if m == CLINICAL:
             return instantiate(cfg.clinical_encoder)
         block = ImagingBlock(harmonizer=make_harmonizer(cfg, m, data.meta),
                              corr_threshold=cfg.selection.corr_threshold)
-        return ImagingSteps(block, cfg.tabular.k, data.meta)
+        return ImagingSteps(block, net_top_k(cfg), data.meta)  # selection.k (a list: its first)
 
     steps = TabularSteps(make_steps).fit(data.frames, patients, fit, time, event)
     X, present = steps.transform(data.frames, patients)
-    ties = str(cfg.loss.get("ties", "efron"))
-    loss = make_loss(cfg.loss.name, ties=ties)
+    loss = instantiate(cfg.loss)  # its `_target_`: a SurvivalLoss (configs/loss)
     targets = None
     if loss.needs_bins:  # discrete time: edges fitted on the fit patients, then the loss
-        bins = TimeBins(int(cfg.loss.n_bins), scheme=str(cfg.loss.scheme)).fit(time[fit],
-                                                                              event[fit])
-        loss = make_loss(cfg.loss.name, ties=ties, edges=bins.edges_)
+        bins = TimeBins(loss.n_bins, scheme=loss.scheme).fit(time[fit], event[fit])
+        loss = instantiate(cfg.loss, edges=bins.edges_)
         targets = bins.transform(time, event)
     edges = loss.edges
     feat_dim = bag_dim(data.bags)
     dims = {m: X[m].shape[1] for m in X}
     if data.bags is not None:
-        dims["wsi"] = feat_dim
+        dims[WSI] = feat_dim
     out_dim = loss.out_dim
 
     def ds(idx, train=False):
@@ -372,6 +417,8 @@ def _device(cfg: DictConfig) -> torch.device:
 
 
 def _run_fit(trainer, module, dm, resume, split_name: str) -> None:
+    from netsurv.training.trainer_parts import close_loggers
+
     _check_processes(trainer)
     if resume:
         log.warning("split %s: resuming from %s", split_name, resume)
@@ -384,6 +431,7 @@ def _run_fit(trainer, module, dm, resume, split_name: str) -> None:
         warnings.filterwarnings("ignore", ".*sync_dist=True.*when logging on epoch level.*")
         warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    close_loggers(trainer)
 
 
 def _fit_inner_folds(cfg, data, split, out, ckdir, resume, module_, ds, off, n_folds, seed):
@@ -393,11 +441,11 @@ def _fit_inner_folds(cfg, data, split, out, ckdir, resume, module_, ds, off, n_f
     finished; the refit resumes from ``last.ckpt``."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
     from sklearn.model_selection import StratifiedKFold
 
     from netsurv.cluster import make_trainer as lightning_trainer
     from netsurv.distributed import broadcast_object, dist_env
+    from netsurv.training.trainer_parts import make_callbacks, make_loggers
 
     env = dist_env()
     oc = cfg.optim
@@ -426,9 +474,9 @@ def _fit_inner_folds(cfg, data, split, out, ckdir, resume, module_, ds, off, n_f
             dm = _datamodule(cfg, data, {"fit": ds(tr[f_rel], True), "val": ds(tr[v_rel])},
                              seed + 1 + i)
             trainer = lightning_trainer(
-                cfg.trainer, max_epochs=max_epochs, min_epochs=max_epochs, callbacks=[],
-                enable_checkpointing=False,
-                logger=CSVLogger(Path(out) / "logs", name=split.name, version=f"inner{i}"),
+                cfg.trainer, max_epochs=max_epochs, min_epochs=max_epochs,
+                callbacks=make_callbacks(cfg), enable_checkpointing=False,
+                logger=make_loggers(cfg, Path(out), split.name, f"inner{i}") or False,
                 default_root_dir=ckdir, use_distributed_sampler=False, num_sanity_val_steps=0)
             _run_fit(trainer, m, dm, None, split.name)
             device = trainer.strategy.root_device
@@ -477,8 +525,9 @@ def _fit_inner_folds(cfg, data, split, out, ckdir, resume, module_, ds, off, n_f
                                  every_n_epochs=1, enable_version_counter=False)
         dm = _datamodule(cfg, data, {"fit": ds(tr, True)}, seed)
         trainer = lightning_trainer(
-            cfg.trainer, max_epochs=epochs, min_epochs=epochs, callbacks=[latest],
-            logger=CSVLogger(Path(out) / "logs", name=split.name, version="refit"),
+            cfg.trainer, max_epochs=epochs, min_epochs=epochs,
+            callbacks=[latest, *make_callbacks(cfg)],  # last.ckpt: resuming (see make_trainer)
+            logger=make_loggers(cfg, Path(out), split.name, "refit") or False,
             default_root_dir=ckdir, use_distributed_sampler=False, limit_val_batches=0,
             num_sanity_val_steps=0)
         _run_fit(trainer, module, dm, resume, split.name)
@@ -538,9 +587,9 @@ def survival_fn(loss, pred_out, fit_idx, time, event, edges=None, val_idx=None,
 
 
 def attention_records(split: str, patients, idx, risk, attention: dict, bags, role) -> list:
-    """PatientAttention records (:mod:`netsurv.report.heatmap`) of the patients at positions
+    """PatientAttention records (:mod:`netsurv.evaluation.attention`) of the patients at positions
     ``idx`` that have tiles; ``attention``: {position: per-tile weights}."""
-    from netsurv.training.bags import attention_record
+    from netsurv.evaluation.attention import attention_record
 
     out = []
     for j in idx:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, open_dict
 from netsurv.cohort.schema import CohortError
 from netsurv.cohort.splits import Split, SplitError
 from netsurv.evaluation.records import RunData
+from netsurv.modalities import CLINICAL
 
 TEST_PREFIX = "test:"
 SPLIT_NAME = "external"
@@ -108,10 +109,12 @@ def check_tables(expected: dict[str, list | None], test: dict[str, pd.DataFrame]
 
 def check_batches(cfg, frames: dict, meta, where: str) -> None:
     """With ComBat, every patient of a harmonised table needs its batch (ct.csv column)."""
+    from netsurv.evaluation.inputs import harmonize_method, harmonized_modalities
+
     h = cfg.harmonize
-    if str(h.method) != "combat":
+    if harmonize_method(cfg) != "combat":
         return
-    for m in [m for m in h.modalities if m in frames]:
+    for m in [m for m in harmonized_modalities(cfg) if m in frames]:
         ids = list(frames[m].index)
         if meta is None or h.batch_col not in meta.columns:
             missing = ids
@@ -151,12 +154,14 @@ def merge_bags(a, b, rename: dict):
 def harmonize_summary(cfg, frames, meta, train_ids, test_ids) -> dict | None:
     """What ComBat does with the test cohort's batches (recorded in metrics.json): per
     harmonised modality, the training batches and the test batches with their action."""
+    from netsurv.evaluation.inputs import harmonize_method, harmonized_modalities
+
     h = cfg.harmonize
-    if str(h.method) != "combat" or meta is None or h.batch_col not in meta.columns:
+    if harmonize_method(cfg) != "combat" or meta is None or h.batch_col not in meta.columns:
         return None
     mode, min_cases = str(h.get("unseen", "pass")), int(h.get("unseen_min_cases", 10))
     res = {"method": "combat", "unseen": mode, "unseen_min_cases": min_cases, "modalities": {}}
-    for m in h.modalities:
+    for m in harmonized_modalities(cfg):
         if m not in frames:
             continue
         rows = set(frames[m].index)
@@ -192,7 +197,7 @@ def prepare_external(cfg: DictConfig, prepare) -> tuple[RunData, list[Split], di
     where = str(test.cohort.root)
     for w in caught:  # say which cohort a stage or data warning is about
         warnings.warn(f"test cohort {where}: {w.message}", w.category)
-    frames_te = check_tables({m: None if m == "clinical" else list(f.columns)
+    frames_te = check_tables({m: None if m == CLINICAL else list(f.columns)
                               for m, f in train.frames.items()}, test.frames, cfg, where)
     check_batches(cfg, frames_te, test.meta, where)
     clash = set(train.patients)
@@ -205,7 +210,7 @@ def prepare_external(cfg: DictConfig, prepare) -> tuple[RunData, list[Split], di
                       UserWarning)
     patients = list(train.patients) + [rename[p] for p in test.patients]
     frames = {m: pd.concat([train.frames[m], frames_te[m].rename(index=rename)], axis=0,
-                           join="outer" if m == "clinical" else "inner")
+                           join="outer" if m == CLINICAL else "inner")
               for m in train.frames}
     meta_te = None if test.meta is None else test.meta.rename(index=rename)
     meta = _concat_meta(train.meta, meta_te)

@@ -8,6 +8,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from netsurv.cohort.schema import Cohort, CohortError
+from netsurv.modalities import CLINICAL, EMBEDDINGS, PATHOMICS, RADIOMICS, WSI
 
 ACQ_EXCLUDE = {"patient_id", "image", "mask", "label", "roi"}
 
@@ -21,11 +22,11 @@ def require_inputs(cohort: Cohort, cfg: DictConfig) -> None:
 
     mods = set(cfg.modalities)
     emb_dir = (cfg.get("embeddings") or {}).get("dir")
-    if "wsi" in mods or ("embeddings" in mods and "embeddings" not in cohort.features):
+    if WSI in mods or (EMBEDDINGS in mods and EMBEDDINGS not in cohort.features):
         require_items(cohort, "slides", need_files=not emb_dir)
-    if "pathomics" in mods and "pathomics" not in cohort.features:
+    if PATHOMICS in mods and PATHOMICS not in cohort.features:
         require_items(cohort, "slides")
-    if "radiomics" in mods and "radiomics" not in cohort.features:
+    if RADIOMICS in mods and RADIOMICS not in cohort.features:
         require_items(cohort, "ct")
 
 
@@ -41,24 +42,24 @@ def modality_frames(cohort: Cohort, cfg: DictConfig) -> dict[str, pd.DataFrame]:
     """
     frames = {}
     for m in cfg.modalities:
-        if m == "wsi":  # bags of tile embeddings, see netsurv.evaluation.deep
+        if m == WSI:  # bags of tile embeddings, see netsurv.evaluation.deep
             continue
-        if m == "clinical":
+        if m == CLINICAL:
             frames[m] = cohort.clinical
         elif m in cohort.features:
             frames[m] = cohort.features[m]
-        elif m == "embeddings":  # the linear probe: mean tile embedding per patient
+        elif m == EMBEDDINGS:  # the linear probe: mean tile embedding per patient
             from netsurv.training.bags import embedding_means, wsi_bag_store
 
             bags, _ = wsi_bag_store(cohort, cfg, cohort.patients)
             frames[m] = embedding_means(bags, cohort.patients)
-        elif m == "radiomics":
+        elif m == RADIOMICS:
             from netsurv.tasks.radiomics import extract
 
             table, _ = extract(cohort, cfg, progress=False)
             acq = [c for c in table.columns if c in set(cohort.ct.columns) - ACQ_EXCLUDE]
             frames[m] = table.drop(columns=acq).set_index("patient_id")
-        elif m == "pathomics":
+        elif m == PATHOMICS:
             from netsurv.tasks.pathomics import extract as extract_pathomics
 
             table, fails = extract_pathomics(cohort, cfg, progress=False)
@@ -85,17 +86,41 @@ def acquisition_meta(cohort: Cohort) -> pd.DataFrame | None:
                                                   if c in acq.columns]), how="left")
 
 
-def make_harmonizer(cfg: DictConfig, modality: str, meta):
-    """The ComBat step for ``modality`` when ``harmonize=combat`` covers it, else None."""
-    h = cfg.harmonize
-    if h.method != "combat" or modality not in h.modalities:
-        return None
-    if meta is None or h.batch_col not in meta.columns:
-        raise CohortError(f"harmonize=combat needs batch column {h.batch_col!r} in ct.csv "
-                          f"(modality {modality}); set harmonize.batch_col or use harmonize=none")
-    from netsurv.features.harmonize import ComBat
+def harmonize_method(cfg: DictConfig) -> str:
+    """``none`` or the harmonizer's class name in lower case (``combat``), as metrics.json and
+    the results table name it.  ``cfg.harmonize``: the harmonizer's config (``_target_``) or
+    null; run configs written before it had a ``_target_`` have ``method``."""
+    h = cfg.get("harmonize")
+    if not h:
+        return "none"
+    if "_target_" in h:
+        return str(h._target_).rsplit(".", 1)[-1].lower()
+    return str(h.get("method", "none"))
 
-    return ComBat(batch_col=h.batch_col, covariates=tuple(h.covariates),
-                  categorical_covariates=tuple(h.categorical_covariates),
-                  parametric=h.parametric, eb=h.eb, mean_only=h.mean_only, unseen=h.unseen,
-                  unseen_min_cases=int(h.get("unseen_min_cases", 10)))
+
+def harmonized_modalities(cfg: DictConfig) -> list[str]:
+    """The feature tables the harmonizer applies to (``harmonize_modalities``; older run
+    configs: ``harmonize.modalities``); [] without a harmonizer."""
+    h = cfg.get("harmonize")
+    if harmonize_method(cfg) == "none":
+        return []
+    if "_target_" not in h and "modalities" in h:
+        return list(h.modalities)
+    return list(cfg.get("harmonize_modalities") or [])
+
+
+def make_harmonizer(cfg: DictConfig, modality: str, meta):
+    """A fresh harmonizer (``hydra.utils.instantiate(cfg.harmonize)``, ComBat with
+    ``harmonize=combat``) for ``modality`` when ``harmonize_modalities`` lists it, else None."""
+    h = cfg.harmonize
+    if modality not in harmonized_modalities(cfg):
+        return None
+    batch_col = h.get("batch_col")
+    if batch_col is not None and (meta is None or batch_col not in meta.columns):
+        raise CohortError(f"harmonize={harmonize_method(cfg)} needs batch column {batch_col!r} "
+                          f"in ct.csv (modality {modality}); set harmonize.batch_col or use "
+                          "harmonize=none")
+    from hydra.utils import instantiate
+
+    # plain lists (ComBat's covariates), not OmegaConf ListConfigs, in the fitted step
+    return instantiate(h, _convert_="all")

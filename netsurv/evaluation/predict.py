@@ -24,6 +24,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from netsurv.cohort.schema import CohortError
+from netsurv.evaluation.groups import is_deep, upgrade_saved
+from netsurv.modalities import CLINICAL, EMBEDDINGS, WSI
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,31 @@ class CohortInputs:
 
 
 def run_config(run_dir) -> DictConfig:
+    """The config of a finished training run, read from ``<run_dir>/config.yaml``.
+
+    A config saved in the older deep-model layout is returned in the current one
+    (:func:`netsurv.evaluation.groups.upgrade_saved`).
+
+    Parameters
+    ----------
+    run_dir : str or path-like
+        Directory of a finished ``scripts/train.py`` run.
+
+    Returns
+    -------
+    DictConfig
+        The run's config.
+
+    Raises
+    ------
+    CohortError
+        If ``config.yaml`` is not in ``run_dir``.
+    """
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
         raise CohortError(f"{p} not found: run=<dir> must be the directory of a finished "
                                 "scripts/train.py run (it holds config.yaml and models/)")
-    return OmegaConf.load(p)
+    return upgrade_saved(OmegaConf.load(p), str(p))  # a run saved with model=<deep net> too
 
 
 def load_fitted(run_dir) -> list[Fitted]:
@@ -61,7 +83,7 @@ def load_fitted(run_dir) -> list[Fitted]:
     the run has it, else every split in order."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    deep = str(cfg.model.get("kind", "classical")) == "deep"
+    deep = is_deep(cfg)
     models = run_dir / "models"
     ext = ".pt" if deep else ".joblib"
     files = sorted(p for p in models.glob(f"*{ext}") if p.suffixes == [ext])
@@ -97,12 +119,12 @@ def expected_columns(fitted: Fitted) -> dict[str, list[str] | None]:
     declared covariates are checked instead)."""
     if fitted.kind == "classical":
         pipe = fitted.model
-        out = {"clinical": None} if pipe.clinical_encoder is not None else {}
+        out = {CLINICAL: None} if pipe.clinical_encoder is not None else {}
         out.update({m: list(b.drop_.feature_names_in_) for m, b in pipe.fitted_.items()
-                    if m != "clinical" and hasattr(b, "drop_")})
+                    if m != CLINICAL and hasattr(b, "drop_")})
         return out
     steps = fitted.model["inputs"]["steps"]
-    return {m: (None if m == "clinical" else list(s.block.drop_.feature_names_in_))
+    return {m: (None if m == CLINICAL else list(s.block.drop_.feature_names_in_))
             for m, s in steps.items()}
 
 
@@ -116,7 +138,7 @@ def cohort_inputs(cfg: DictConfig, cohort, fitted: Fitted) -> CohortInputs:
     expected = expected_columns(fitted)
     frames = check_tables({m: expected.get(m) for m in frames}, frames, cfg, str(cohort.root))
     bags = info = None
-    if "wsi" in cfg.modalities:
+    if WSI in cfg.modalities:
         from netsurv.evaluation.deep import load_wsi
 
         bags, info = load_wsi(cohort, cfg, cohort.patients)
@@ -143,10 +165,10 @@ def check_embeddings(run_dir, fitted: Fitted, info: dict | None) -> None:
     if fitted.kind != "deep" or info is None:
         return
     dims = fitted.model["inputs"]["dims"]
-    if "wsi" in dims and int(info["dim"]) != int(dims["wsi"]):
+    if WSI in dims and int(info["dim"]) != int(dims[WSI]):
         raise CohortError(f"the cohort's tile embeddings have {info['dim']} dimensions "
                           f"({info.get('encoder')}, {info.get('out')}), the run's model "
-                          f"expects {dims['wsi']}: use the run's encoder")
+                          f"expects {dims[WSI]}: use the run's encoder")
     mpath = Path(run_dir) / "metrics.json"
     trained = (json.loads(mpath.read_text()).get("embeddings") or {}) if mpath.is_file() else {}
     for key, what in (("encoder", "encoder"), ("tiling_params_hash", "tiling parameters")):
@@ -162,9 +184,9 @@ def check_embeddings(run_dir, fitted: Fitted, info: dict | None) -> None:
 def predict_risk(cfg: DictConfig, fitted: Fitted, inputs: CohortInputs) -> dict:
     """{"risk": one per ``inputs.patients``, "attention": {position: tile weights} or None}."""
     if fitted.kind == "classical":
-        pipe = fitted.model
-        pipe.meta = inputs.meta  # ComBat batches of this cohort's patients
-        return {"risk": np.asarray(pipe.predict_risk(inputs.frames), float), "attention": None}
+        pipe = fitted.model  # ComBat batches of this cohort's patients come from inputs.meta
+        return {"risk": np.asarray(pipe.predict(inputs.frames, meta=inputs.meta), float),
+                "attention": None}
     return _deep_risk(cfg, fitted, inputs)
 
 
@@ -188,18 +210,18 @@ def _deep_risk(cfg: DictConfig, fitted: Fitted, inputs: CohortInputs) -> dict:
         from netsurv.training.bags import embedding_means
         from netsurv.training.offset import predict_offset
 
-        mods = list(st["modalities"]) + (["embeddings"] if st.get("probe") else [])
-        ofr = {m: (embedding_means(inputs.bags, patients) if m == "embeddings"
+        mods = list(st["modalities"]) + ([EMBEDDINGS] if st.get("probe") else [])
+        ofr = {m: (embedding_means(inputs.bags, patients) if m == EMBEDDINGS
                    else inputs.frames[m]) for m in dict.fromkeys(mods)}
         offset = predict_offset(st, ofr, patients, inputs.meta)
     net = build_net(cfg, inp["dims"], int(inp["out_dim"]), offset=st is not None)
     net.load_state_dict(fitted.model["state_dict"])
     # the saved name rebuilds the loss object (risk from the network output)
     module = SurvivalModule(net, loss=make_loss(inp["loss"], edges=inp["edges"]))
-    bags = inputs.bags if "wsi" in inp["dims"] else None
+    bags = inputs.bags if WSI in inp["dims"] else None
     n = len(patients)
     ds = PatientDataset(np.arange(n), patients, bags, X, present, np.zeros(n), np.zeros(n),
-                        feat_dim=int(inp["dims"].get("wsi", 0)), offset=offset)
+                        feat_dim=int(inp["dims"].get(WSI, 0)), offset=offset)
     dm = SurvivalDataModule({"all": ds}, eval_batch_size=int(cfg.optim.get("eval_batch_size", 64)),
                             eval_batch_sampler=eval_batch_sampler(cfg, bags))
     loader = dm.eval_dataloader("all", 0, 1)
@@ -254,11 +276,11 @@ def predict(run_dir, data_cfg: DictConfig, out, embeddings_dir=None) -> dict:
     pred = pd.DataFrame({"patient_id": cohort.patients})
     pred["risk"] = pred.patient_id.map(risk)
     for m in cfg.modalities:
-        have = (set(inputs.bags or ()) if m == "wsi" else set(inputs.frames[m].index))
+        have = (set(inputs.bags or ()) if m == WSI else set(inputs.frames[m].index))
         pred[f"has_{m}"] = pred.patient_id.isin(have).astype(int)
     pred.to_csv(out / "predictions.csv", index=False)
     if records:
-        from netsurv.report.heatmap import write_attention
+        from netsurv.evaluation.attention import write_attention
 
         write_attention(out / "attention.h5", records, mode="w")
     summary = {"run": str(run_dir.resolve()), "cohort": str(root), "endpoint": str(cfg.target),
@@ -282,7 +304,9 @@ def predict(run_dir, data_cfg: DictConfig, out, embeddings_dir=None) -> dict:
 
 def _harmonize_record(cfg, fitted: list[Fitted]) -> dict | None:
     """What ComBat did with this cohort's batches (the fitted ComBat steps' last transform)."""
-    if str(cfg.harmonize.method) != "combat":
+    from netsurv.evaluation.inputs import harmonize_method
+
+    if harmonize_method(cfg) != "combat":
         return None
     res = {"unseen": str(cfg.harmonize.get("unseen", "pass")), "models": {}}
     for f in fitted:

@@ -22,7 +22,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 # keys that change what is written or shown, never what is fitted
-NOT_HASHED = {("report",), ("output_dir",), ("optimized_metric",),
+NOT_HASHED = {("report",), ("output_dir",), ("optimized_metric",), ("logger",),
               ("trainer", "enable_progress_bar"), ("trainer", "enable_model_summary"),
               ("embed", "progress"), ("tile", "progress")}
 
@@ -72,6 +72,11 @@ def _drop(tree: dict, path: tuple) -> None:
 
 
 def config_hash(cfg: DictConfig) -> str:
+    """Hash of what in the resolved config can change a fit (16 hex characters).
+
+    Keys that only change what is written or shown (``NOT_HASHED``: report, output dir,
+    logger, progress bars, ...) are left out, so changing them does not refit finished splits.
+    """
     tree = OmegaConf.to_container(cfg, resolve=True)
     for path in NOT_HASHED:
         _drop(tree, path)
@@ -96,6 +101,7 @@ class SplitRecords:
         self.dir = Path(run_dir) / "splits"
 
     def path(self, name: str) -> Path:
+        """The record file of split ``name``."""
         return self.dir / f"{name}.json"
 
     def finished(self, keys: dict[str, str]) -> dict[str, dict]:
@@ -114,6 +120,11 @@ class SplitRecords:
         return out
 
     def save(self, record: dict) -> Path:
+        """Write ``record`` (its ``split`` key names the file) atomically and return its path.
+
+        The record goes to a temporary file first and replaces the split's file in one step, so
+        a reader never sees a half-written record.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         p = self.path(record["split"])
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")

@@ -35,9 +35,17 @@ from netsurv.cohort.schema import CohortError
 from netsurv.cohort.splits import make_splits
 from netsurv.distributed import all_gather_object, broadcast_object, dist_env
 from netsurv.evaluation import compare
-from netsurv.evaluation.inputs import acquisition_meta, modality_frames, require_inputs
+from netsurv.evaluation.attention import replace_split
+from netsurv.evaluation.groups import check_groups
+from netsurv.evaluation.groups import is_deep as _is_deep
+from netsurv.evaluation.inputs import (
+    acquisition_meta,
+    harmonize_method,
+    modality_frames,
+    require_inputs,
+)
 from netsurv.evaluation.records import RunData, SplitFit, SplitRecords, config_hash, split_key
-from netsurv.survival.losses import canonical_loss, make_loss
+from netsurv.modalities import WSI
 from netsurv.survival.metrics import (
     MetricError,
     bootstrap_ci,
@@ -52,8 +60,16 @@ log = logging.getLogger(__name__)
 PER_SPLIT = ("cindex", "cindex_uno", "td_auc", "ibs", "ibs_null", "oracle_cindex", "val_cindex")
 
 
+def loss_class(cfg: DictConfig):
+    """The class of the ``loss`` config (its ``_target_``, a SurvivalLoss), without building it."""
+    from hydra.utils import get_class
+
+    return get_class(str(cfg.loss._target_))
+
+
 def is_deep(cfg: DictConfig) -> bool:
-    return str(cfg.model.get("kind", "classical")) == "deep"
+    """Deep run iff the ``net`` group is set (:mod:`netsurv.evaluation.groups`)."""
+    return _is_deep(cfg)
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -70,6 +86,23 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
+    """Fit and evaluate the configured model over every split of the evaluation protocol.
+
+    Runs on every process of the job.  Global rank 0 writes the run outputs (``metrics.json``,
+    ``warnings.log``, and ``report.html`` unless ``cfg.report`` is false; a failing report is
+    only logged); finished splits whose record matches the config are reused.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed training config (``scripts/train.py``).
+
+    Returns
+    -------
+    dict
+        The run's metrics, the same on every rank (``n_warnings``: distinct warnings raised).
+    """
+    check_groups(cfg)  # old layout (model=abmil, tabular.k) or a bad selection.k: stop now
     env = dist_env()
     out = run_dir(cfg)
     if env.is_zero:
@@ -151,18 +184,18 @@ def prepare(cfg: DictConfig) -> RunData:
     cohort = resolve_cohort(cfg.data)
     modalities = list(cfg.modalities)
     deep = is_deep(cfg)
-    if not deep and "wsi" in modalities:
+    if not deep and WSI in modalities:
         raise CohortError("modality 'wsi' (tile-embedding bags) needs a deep model, e.g. "
-                          "model=abmil; classical models take feature tables (pathomics, "
+                          "net=abmil; classical models take feature tables (pathomics, "
                           "radiomics)")
-    if not deep and not make_loss(cfg.loss.name).classical:
-        raise ValueError(f"loss={cfg.loss.name}: classical models fit a Cox model; discrete-time "
-                         "losses need a deep model (model=abmil, ...)")
+    if not deep and not loss_class(cfg).classical:
+        raise ValueError(f"loss={loss_class(cfg).name}: classical models fit a Cox model; discrete-time "
+                         "losses need a deep model (net=abmil, ...)")
     require_inputs(cohort, cfg)
     frames = modality_frames(cohort, cfg)
     bags = bags_info = None
     if deep:
-        if "wsi" in modalities:
+        if WSI in modalities:
             from netsurv.evaluation.deep import load_wsi
 
             bags, bags_info = load_wsi(cohort, cfg, cohort.patients)
@@ -239,7 +272,7 @@ def _commit(out: Path, store: SplitRecords, record: dict, fit: SplitFit, deep: b
         from netsurv.evaluation.deep import discard_resume_state, save_model
 
         save_model(fit.model, out / "models" / f"{name}.pt")
-        _write_attention(out / "attention.h5", name, fit.attention)
+        replace_split(out / "attention.h5", name, fit.attention)
     else:
         import joblib
 
@@ -247,21 +280,6 @@ def _commit(out: Path, store: SplitRecords, record: dict, fit: SplitFit, deep: b
     store.save(record)
     if deep:
         discard_resume_state(out, name)
-
-
-def _write_attention(path: Path, split: str, records: list) -> None:
-    """The split's group of attention.h5, replaced as a whole (a refit split may have other
-    test patients than a stale group left by an earlier config)."""
-    import h5py
-
-    from netsurv.report.heatmap import write_attention
-
-    if path.exists():
-        with h5py.File(path, "a") as f:
-            if split in f:
-                del f[split]
-    if records:
-        write_attention(path, records)
 
 
 def _run(cfg: DictConfig, out: Path, is_zero: bool) -> dict | None:
@@ -356,8 +374,8 @@ def _assemble(cfg, data: RunData, splits, protocol, records: dict, out: Path, de
         "experiment": str(cfg.name),
         "endpoint": str(cfg.target),
         "modalities": list(cfg.modalities),
-        "harmonize": str(cfg.harmonize.method),
-        "model": (str(cfg.model.mil._target_).rsplit(".", 1)[-1] if deep
+        "harmonize": harmonize_method(cfg),
+        "model": (str(cfg.net.mil._target_).rsplit(".", 1)[-1] if deep
                   else str(cfg.model.estimator._target_).rsplit(".", 1)[-1]),
         "n_patients": len(data.patients),
         "n_events": int(data.event.sum()),
@@ -365,7 +383,7 @@ def _assemble(cfg, data: RunData, splits, protocol, records: dict, out: Path, de
         "cindex": {**_summary(per["cindex"]), "bootstrap_ci95_per_split": boot},
     }
     if deep:
-        metrics.update({"loss": canonical_loss(cfg.loss.name),
+        metrics.update({"loss": loss_class(cfg).name,
                         "fusion": str(cfg.fusion.module._target_).rsplit(".", 1)[-1],
                         "training": training})
         if data.bags_info is not None:

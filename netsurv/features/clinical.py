@@ -10,6 +10,7 @@ from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from netsurv.cohort.schema import CohortError, line_of, source_of
 
@@ -79,6 +80,28 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
         return X
 
     def fit(self, X: pd.DataFrame, y=None):
+        """Fit imputation, scaling and the one-hot levels on the training rows ``X``.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Clinical table holding every declared ``numeric`` and ``categorical`` column.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        ClinicalEncoder
+            ``self``, with ``categories_`` (training levels per categorical column) and
+            ``feature_names_out_`` set.
+
+        Raises
+        ------
+        CohortError
+            If a declared column is missing, or a numeric column holds text or infinite values.
+        ValueError
+            If no numeric or categorical column is declared.
+        """
         X = self._frame(X)
         transformers = []
         if self.numeric:
@@ -106,6 +129,14 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        """Encode ``X`` with the fitted steps; warns about levels not seen in training.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Float table with ``X``'s index and the columns ``feature_names_out_``.
+        """
+        check_is_fitted(self, "transformer_")
         X = self._frame(X)
         for c, cats in self.categories_.items():
             vals = set(X[c].dropna()) - set(cats)
@@ -120,4 +151,5 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
         return pd.DataFrame(np.asarray(Z, float), index=X.index, columns=self.feature_names_out_)
 
     def get_feature_names_out(self, input_features=None):
+        """The encoded column names (``input_features`` is ignored)."""
         return np.asarray(self.feature_names_out_, dtype=object)

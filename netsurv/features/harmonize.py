@@ -74,10 +74,12 @@ class ComBat(TransformerMixin, BaseEstimator):
         ``unseen_min_cases`` rows is estimated with a warning (noisy estimates).
     unseen_min_cases : below this many rows a new batch's estimates are flagged as unreliable.
 
-    ``fit(X, meta)`` / ``transform(X, meta)``: ``X`` is a numeric DataFrame (rows = samples,
-    columns = features, no NaN: impute first); ``meta`` is a DataFrame indexed like ``X`` (it may
-    hold more rows, e.g. the whole cohort; rows are matched on the index) with ``batch_col`` and
-    the covariate columns, or a Series of batch labels when there are no covariates.
+    ``fit(X, meta=meta)`` / ``transform(X, meta=meta)`` (``meta`` is keyword-only, so that
+    inside a scikit-learn pipeline the outcome ``y`` can never land there): ``X`` is a numeric
+    DataFrame (rows = samples, columns = features, no NaN: impute first); ``meta`` is a
+    DataFrame indexed like ``X`` (it may hold more rows, e.g. the whole cohort; rows are matched
+    on the index) with ``batch_col`` and the covariate columns, or a Series of batch labels when
+    there are no covariates.
 
     Fallbacks (each with a ``UserWarning`` naming what it applies to):
 
@@ -163,8 +165,23 @@ class ComBat(TransformerMixin, BaseEstimator):
         return np.hstack(parts) if parts else np.empty((len(meta), 0))
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: pd.DataFrame, meta=None, y=None):
-        """Estimate the ComBat model on training rows ``X`` with batches/covariates in ``meta``."""
+    def fit(self, X: pd.DataFrame, y=None, *, meta=None):
+        """Estimate the ComBat model on training rows ``X`` with batches/covariates in ``meta``.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Numeric features (rows = samples, no NaN: impute first).
+        y : None
+            Ignored (no outcome is used); there for the scikit-learn API.
+        meta : pandas.DataFrame or pandas.Series
+            Keyword-only: batch column ``batch_col`` and covariates, indexed like ``X`` (it may
+            hold more rows), or a Series of batch labels when there are no covariates.
+
+        Returns
+        -------
+        self
+        """
         if self.unseen not in UNSEEN:
             raise ValueError(f"ComBat: unseen must be one of {UNSEEN}, got {self.unseen!r}")
         Xf = self._check_X(X)
@@ -306,12 +323,25 @@ class ComBat(TransformerMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ transform
-    def transform(self, X: pd.DataFrame, meta=None) -> pd.DataFrame:
+    def transform(self, X: pd.DataFrame, *, meta=None) -> pd.DataFrame:
         """Harmonise rows of ``X`` (any split) with the training estimates.
 
         Each row is standardised with the training grand mean, pooled variance and covariate
         effects (computed from *its own* covariates), corrected with the estimates of its batch
-        and mapped back; rows of ``ref_batch`` are returned unchanged."""
+        and mapped back; rows of ``ref_batch`` are returned unchanged.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Numeric features with the training columns.
+        meta : pandas.DataFrame or pandas.Series
+            Keyword-only: batches/covariates of these rows (as in :meth:`fit`).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Harmonised ``X`` (same index and columns).
+        """
         check_is_fitted(self, "gamma_star_")
         Xf = self._check_X(X)
         cols = list(self.feature_names_in_)
@@ -405,10 +435,26 @@ class ComBat(TransformerMixin, BaseEstimator):
         a, b = (2 * s2 + m ** 2) / s2, (m * s2 + m ** 3) / s2
         return _it_sol(sb, g_hat, d_hat, g_bar, t2, a, b, batch=batch)
 
-    def fit_transform(self, X: pd.DataFrame, meta=None, y=None) -> pd.DataFrame:
-        return self.fit(X, meta).transform(X, meta)
+    def fit_transform(self, X: pd.DataFrame, y=None, *, meta=None) -> pd.DataFrame:
+        """:meth:`fit` on ``X``, then :meth:`transform` it.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Numeric training features.
+        y : None
+            Ignored.
+        meta : pandas.DataFrame or pandas.Series
+            Keyword-only: batches/covariates of these rows.
+
+        Returns
+        -------
+        pandas.DataFrame
+        """
+        return self.fit(X, meta=meta).transform(X, meta=meta)
 
     def get_feature_names_out(self, input_features=None):
+        """The fitted input column names: ComBat keeps every column (``input_features`` ignored)."""
         check_is_fitted(self, "feature_names_in_")
         return np.asarray(self.feature_names_in_, dtype=object)
 

@@ -222,6 +222,27 @@ class DropInvalid(_ColumnSelector):
     """
 
     def fit(self, X: pd.DataFrame, y=None):
+        """Find the usable columns of the training table ``X``.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Training features.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        DropInvalid
+            ``self``, with ``columns_`` and ``dropped_`` set.
+
+        Raises
+        ------
+        TypeError
+            If ``X`` is not a DataFrame.
+        ValueError
+            If no column is usable.
+        """
         if not isinstance(X, pd.DataFrame):
             raise TypeError("DropInvalid expects X as a pandas DataFrame")
         self.feature_names_in_ = np.asarray(X.columns, dtype=object)
@@ -272,6 +293,26 @@ class CorrelationFilter(_ColumnSelector):
         self.method = method
 
     def fit(self, X: pd.DataFrame, y):
+        """Choose the features to keep from the training rows ``X`` and their outcome ``y``.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Numeric training features without NaN/inf.
+        y : tuple of array-like or structured array
+            ``(time, event)`` of the rows of ``X`` (see :func:`as_time_event`).
+
+        Returns
+        -------
+        CorrelationFilter
+            ``self``, with ``columns_``, ``scores_`` and ``dropped_`` set.
+
+        Raises
+        ------
+        ValueError
+            If ``method`` or ``threshold`` is invalid, or ``X`` has non-numeric or non-finite
+            values.
+        """
         if self.method not in ("spearman", "pearson"):
             raise ValueError(f"CorrelationFilter: method must be 'spearman' or 'pearson', "
                              f"got {self.method!r}")
@@ -322,6 +363,29 @@ class UnivariateCoxSelector(_ColumnSelector):
         self.min_events_per_feature = min_events_per_feature
 
     def fit(self, X: pd.DataFrame, y):
+        """Fit a univariate Cox model per feature and keep the ``k`` with the largest ``|z|``.
+
+        Warns when a univariate fit does not converge and when there are too few events per kept
+        feature.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Numeric training features without NaN/inf.
+        y : tuple of array-like or structured array
+            ``(time, event)`` of the rows of ``X`` (see :func:`as_time_event`).
+
+        Returns
+        -------
+        UnivariateCoxSelector
+            ``self``, with ``scores_``, ``pvalues_``, ``coef_``, ``selected_`` and ``columns_`` set.
+
+        Raises
+        ------
+        ValueError
+            If ``k`` is neither a positive int nor ``"all"``, or ``X`` has non-numeric or
+            non-finite values.
+        """
         if not (self.k == "all" or (isinstance(self.k, (int, np.integer))
                                     and not isinstance(self.k, bool) and self.k >= 1)):
             raise ValueError(f"UnivariateCoxSelector: k must be a positive int or 'all', "

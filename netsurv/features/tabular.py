@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 
 
 class TableScaler(TransformerMixin, BaseEstimator):
@@ -13,6 +14,15 @@ class TableScaler(TransformerMixin, BaseEstimator):
     with a warning naming them (a Cox fit cannot use them)."""
 
     def fit(self, X: pd.DataFrame, y=None):
+        """Learn the training medians, means and standard deviations of the usable columns of ``X``.
+
+        Constant and all-NaN columns are dropped with a warning.  ``y`` is ignored.
+
+        Returns
+        -------
+        TableScaler
+            ``self``, with ``columns_``, ``median_``, ``mean_`` and ``scale_`` set.
+        """
         X = pd.DataFrame(X).astype(float)
         med = X.median()
         filled = X.fillna(med)
@@ -29,5 +39,7 @@ class TableScaler(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        """Keep the fitted columns, fill NaN with the training medians and standardise."""
+        check_is_fitted(self, "columns_")
         X = pd.DataFrame(X)[self.columns_].astype(float).fillna(self.median_)
         return (X - self.mean_) / self.scale_

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from netsurv.modalities import WSI, WSI_MASK
 from netsurv.models.mil import masked_softmax
 
 __all__ = ["TabularMLP", "EarlyFusion", "LateFusion", "BilinearFusion", "GatedAttentionFusion",
@@ -31,6 +32,7 @@ class TabularMLP(nn.Module):
         self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
+        """Embed ``x [B, in_dim]`` to ``[B, dim]``."""
         return self.net(x)
 
 
@@ -57,6 +59,15 @@ class EarlyFusion(_Fusion):
                                  nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
     def forward(self, embs, present) -> Tensor:
+        """Fuse per-modality embeddings into ``[B, out_dim]``.
+
+        Parameters
+        ----------
+        embs : dict of str to Tensor
+            ``{modality: [B, d]}`` for every modality the fusion was built for.
+        present : dict of str to Tensor
+            ``{modality: bool [B]}``; absent modalities are replaced by their learned placeholder.
+        """
         return self.mlp(torch.cat(self._filled(embs, present), 1))
 
 
@@ -70,6 +81,11 @@ class LateFusion(_Fusion):
                                     for m, d in dims.items()})
 
     def forward(self, embs, present) -> Tensor:
+        """Sum of the per-modality heads over the present modalities, ``[B, out_dim]``.
+
+        ``embs`` is ``{modality: [B, d]}``, ``present`` ``{modality: bool [B]}``; a patient with no
+        modality present gets 0.
+        """
         out = 0.0
         for m in self.names:
             out = out + self.heads[m](embs[m]) * present[m][:, None].to(embs[m].dtype)
@@ -92,6 +108,11 @@ class BilinearFusion(_Fusion):
                                  nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
     def forward(self, embs, present) -> Tensor:
+        """Gated outer-product fusion of the modalities into ``[B, out_dim]``.
+
+        ``embs`` is ``{modality: [B, d]}``, ``present`` ``{modality: bool [B]}``; absent modalities
+        are replaced by their learned placeholder first.
+        """
         filled = self._filled(embs, present)
         ctx = torch.cat(filled, 1)
         kron = None
@@ -115,6 +136,13 @@ class GatedAttentionFusion(_Fusion):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, out_dim))
 
     def forward(self, embs, present) -> Tensor:
+        """Attention-weighted sum of the projected present modalities through the head.
+
+        Returns ``[B, out_dim]``.
+
+        ``embs`` is ``{modality: [B, d]}``, ``present`` ``{modality: bool [B]}``; absent modalities
+        get zero attention weight.
+        """
         h = torch.stack([torch.tanh(self.proj[m](embs[m])) for m in self.names], 1)  # [B, M, dim]
         mask = torch.stack([present[m] for m in self.names], 1)
         a = masked_softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1),
@@ -159,7 +187,7 @@ class SurvivalNet(nn.Module):
         out_dim = int(getattr(fusion, "out_dim", 1))
         self.linear = nn.ModuleDict()
         for m, d in (linear or {}).items():
-            if m == "wsi" or m not in self.branches:
+            if m == WSI or m not in self.branches:
                 raise ValueError(f"linear term: {m!r} is not a tabular branch of this network")
             lin = nn.Linear(int(d), out_dim, bias=False)  # bias: Cox is shift-invariant
             nn.init.zeros_(lin.weight)
@@ -179,11 +207,27 @@ class SurvivalNet(nn.Module):
         return {m: new[:, i] for i, m in enumerate(names)}
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
+        """Run the branches, the fusion and the optional linear / offset terms on one batch.
+
+        In training mode with ``modality_dropout > 0`` and more than one branch, present
+        modalities are dropped at random (at least one kept per patient that has one).
+
+        Parameters
+        ----------
+        batch : dict
+            See the class docstring for the keys.
+
+        Returns
+        -------
+        dict
+            ``"out"``: ``[B, out_dim]`` predictions; ``"attention"``: the WSI branch's per-tile
+            attention ``[B, N]``, or None without a ``wsi`` branch.
+        """
         embs, attn = {}, None
         present = dict(batch["present"])
         for m, branch in self.branches.items():
-            if m == "wsi":
-                embs[m], attn = branch(batch["wsi"], batch["wsi_mask"])
+            if m == WSI:
+                embs[m], attn = branch(batch[WSI], batch[WSI_MASK])
             else:
                 embs[m] = branch(batch[m])
         if self.training and self.modality_dropout > 0 and len(embs) > 1:

@@ -57,6 +57,22 @@ class ABMIL(nn.Module):
         self.w = nn.Linear(attn_dim, 1)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Pool a padded batch of bags by gated attention.
+
+        Parameters
+        ----------
+        x
+            Tile embeddings ``[B, N, in_dim]``.
+        mask
+            ``[B, N]`` bool, True on real tiles.
+
+        Returns
+        -------
+        z : Tensor
+            Attention-weighted mean of the projected tiles, ``[B, dim]`` (zeros for an empty bag).
+        attn : Tensor
+            ``[B, N]`` attention, summing to 1 over real tiles, 0 on padding and for empty bags.
+        """
         h = _project(self.proj, x, mask)                        # [B, N, dim]
         a = torch.tanh(self.v(h))
         if self.u is not None:
@@ -74,6 +90,11 @@ class MeanPoolMIL(nn.Module):
         self.proj = _projector(in_dim, dim, dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean of the projected real tiles ``[B, dim]`` and the uniform weights ``[B, N]``.
+
+        ``x`` is ``[B, N, in_dim]``, ``mask`` ``[B, N]`` (True = real tile); an empty bag gives a
+        zero embedding and zero weights.
+        """
         h = _project(self.proj, x, mask)
         w = mask.to(h.dtype)
         attn = w / w.sum(1, keepdim=True).clamp_min(1.0)
@@ -90,6 +111,11 @@ class MaxPoolMIL(nn.Module):
         self.proj = _projector(in_dim, dim, dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Feature-wise max of the projected real tiles and each tile's share of the arg-maxes.
+
+        ``x`` is ``[B, N, in_dim]``, ``mask`` ``[B, N]`` (True = real tile); returns ``[B, dim]``
+        and ``[B, N]``.  An empty bag gives a zero embedding and zero weights.
+        """
         h = _project(self.proj, x, mask).masked_fill(~mask[..., None], float("-inf"))
         z, arg = h.max(1)                                       # [B, dim]
         empty = ~mask.any(1)
@@ -149,6 +175,16 @@ class NystromAttention(nn.Module):
                          if residual_kernel else None)
 
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Attend over the valid tokens of ``x [B, N, dim]`` (``valid [B, N]``, True = real token).
+
+        Returns
+        -------
+        out : Tensor
+            ``[B, N, dim]``, zeros on padding.
+        cls : Tensor
+            ``[B, N]`` attention of the first token over the tokens (mean over heads), zeros on
+            padding.
+        """
         B, N, _ = x.shape
         H, dh = self.heads, self.dh
         q, k, v = (t.reshape(B, N, H, dh).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
@@ -283,6 +319,7 @@ class TransMIL(nn.Module):
 
     @property
     def attention(self) -> str:
+        """Attention kind of both layers: ``"nystrom"`` or ``"exact"`` (settable; same weights)."""
         return "exact" if self.layer1.attn.exact else "nystrom"
 
     @attention.setter
@@ -294,6 +331,16 @@ class TransMIL(nn.Module):
             layer.attn.exact = kind == "exact"
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode a padded batch of bags (``x [B, N, in_dim]``, ``mask [B, N]``, True = real tile).
+
+        Returns
+        -------
+        z : Tensor
+            Layer-normalised CLS output ``[B, dim]`` (zeros for an empty bag).
+        attn : Tensor
+            ``[B, N]`` CLS attention of the last layer over the real tiles (negative weights
+            clipped, renormalised to sum 1; zeros on padding and for empty bags).
+        """
         h = self.proj(x)
         B = h.shape[0]
         tokens = torch.cat([self.cls.expand(B, -1, -1), h], 1)

@@ -455,6 +455,18 @@ class CohortEmbedder:
 
     # ------------------------------------------------------------------ plan / claim
     def plan(self, jobs) -> None:
+        """Queue slides for reading, in the order in which they will be claimed.
+
+        Parameters
+        ----------
+        jobs : iterable of SlideJob
+            Slides to read ahead; their keys must not have been planned before.
+
+        Raises
+        ------
+        ValueError
+            If a key is planned twice.
+        """
         for job in jobs:
             if job.key in self._jobs:
                 raise ValueError(f"slide {job.key!r} planned twice")
@@ -568,6 +580,7 @@ class CohortEmbedder:
             return f.float().cpu().numpy()
 
     def close(self) -> None:
+        """Stop the tile reader, join its thread and end the decode threads."""
         self._prod.stop()
         if self._thread is not None:
             self._thread.join()

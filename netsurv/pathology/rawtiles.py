@@ -70,12 +70,20 @@ class RawTileReader:
 
     # -------------------------------------------------------------- geometry
     def level_for(self, width: int, height: int) -> int:
+        """Index (into ``pages``) of the tiled JPEG page of exactly ``width`` x ``height`` pixels.
+
+        Raises
+        ------
+        SlideError
+            If no such page exists.
+        """
         for i, p in enumerate(self.pages):
             if (p.imagewidth, p.imagelength) == (width, height):
                 return i
         raise SlideError(f"{self.path}: no tiled JPEG page of {width}x{height} px")
 
     def tile_size(self, level: int) -> tuple[int, int]:
+        """File tile size (width, height) of ``level``."""
         p = self.pages[level]
         return p.tilewidth, p.tilelength
 
@@ -101,6 +109,16 @@ class RawTileReader:
 
     # -------------------------------------------------------------- reading
     def tile_bytes(self, level: int, tx: int, ty: int) -> bytes:
+        """Compressed bytes of file tile (``tx``, ``ty``) of ``level``, read with ``os.pread``.
+
+        The stream lacks the page's ``JPEGTables`` where the file shares them (see
+        :func:`merge_jpeg_tables`).
+
+        Raises
+        ------
+        SlideError
+            If the tile lies outside the page's tile grid or is empty (byte count 0).
+        """
         p = self.pages[level]
         nx = -(-p.imagewidth // p.tilewidth)
         ny = -(-p.imagelength // p.tilelength)
@@ -113,6 +131,11 @@ class RawTileReader:
         return os.pread(self._fd, n, int(p.dataoffsets[i]))
 
     def decode_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
+        """Decode file tile (``tx``, ``ty``) of ``level`` to RGB uint8 (tile height, tile width, 3).
+
+        Uses tifffile's page decoder with the page's ``JPEGTables``; edge tiles keep the file's
+        full tile size (including padding).
+        """
         p = self.pages[level]
         nx = -(-p.imagewidth // p.tilewidth)
         data = self.tile_bytes(level, tx, ty)
@@ -254,6 +277,7 @@ class RawTileReader:
         return out
 
     def close(self):
+        """Close the file descriptor and the TIFF file; later calls do nothing."""
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:  # close once: the number may be reused by another file later
             os.close(fd)

@@ -116,13 +116,16 @@ class SlideReader:
     # ---------------------------------------------------------------- basic geometry
     @property
     def dimensions(self) -> tuple[int, int]:
+        """Level-0 size as (width, height) in pixels."""
         return tuple(self.level_dimensions[0])
 
     @property
     def level_count(self) -> int:
+        """Number of pyramid levels."""
         return len(self.level_dimensions)
 
     def level_mpp(self, level: int) -> float:
+        """µm per pixel of pyramid level ``level`` (level-0 mpp times the level's downsample)."""
         return self.mpp * float(self.level_downsamples[level])
 
     # ---------------------------------------------------------------- reading
@@ -194,11 +197,15 @@ class SlideReader:
         return self.read_plan(x, y, self.plan(size_px, target_mpp, tolerance, allow_upsample))
 
     def read_level(self, level: int) -> np.ndarray:
+        """Read a whole pyramid level as an RGB uint8 (h, w, 3) array.
+
+        Decodes the full level into memory; meant for small (coarse) levels.
+        """
         w, h = self.level_dimensions[level]
         return self._read_level_region(0, 0, level, int(w), int(h))
 
     def close(self) -> None:
-        pass
+        """Release the backend's file handles (no-op in the base class)."""
 
     def __enter__(self):
         return self
@@ -337,6 +344,18 @@ def _screen_dpi(res) -> float | None:
 
 
 class OpenSlideReader(SlideReader):
+    """openslide backend: every format openslide reads, pyramid levels as openslide reports them.
+
+    Transparent pixels (outside the scanned area) are composited on white.
+
+    Raises
+    ------
+    SlideError
+        If the file does not exist or openslide cannot open it.
+    MppError
+        If the pixel size cannot be resolved (see the module docstring).
+    """
+
     backend = "openslide"
 
     def __init__(self, path, mpp_override=None):
@@ -373,6 +392,7 @@ class OpenSlideReader(SlideReader):
         return np.ascontiguousarray(rgb)
 
     def close(self):
+        """Close the underlying ``openslide.OpenSlide`` handle."""
         self._osr.close()
 
 
@@ -425,6 +445,7 @@ class TiffFileReader(SlideReader):
         return out
 
     def close(self):
+        """Close the underlying ``tifffile.TiffFile``."""
         self._tf.close()
 
 

@@ -465,6 +465,27 @@ def _covered_area(rects) -> int:
 
 @dataclass
 class TilingResult:
+    """Outcome of :func:`tile_slide` for one slide.
+
+    Attributes
+    ----------
+    coords : numpy.ndarray
+        (n, 2) level-0 top-left corners of the kept tiles; ``coords[:n_grid]`` are the regular
+        grid (or adaptive placement), the rest gap-fill tiles.
+    tissue_fraction : numpy.ndarray
+        Tissue fraction of each tile on the thumbnail mask.
+    plan : ReadPlan
+        How each tile is read at the target resolution.
+    stride_level0 : int
+        Grid stride in level-0 pixels.
+    tissue : TissueMask
+        The segmentation the tiles were filtered with.
+    params : dict
+        The normalised tiling parameters.
+    n_grid : int
+        Number of grid tiles (-1 on construction means all of ``coords``).
+    """
+
     coords: np.ndarray
     tissue_fraction: np.ndarray
     plan: ReadPlan
@@ -479,6 +500,7 @@ class TilingResult:
 
     @property
     def n_tiles(self) -> int:
+        """Number of kept tiles (grid and gap-fill)."""
         return len(self.coords)
 
     @property
@@ -726,6 +748,15 @@ def write_coords(path, result: TilingResult, slide: SlideReader, *, slide_id: st
 
 
 def read_coords(path) -> tuple[np.ndarray, dict]:
+    """Read a coords HDF5 file written by :func:`write_coords`.
+
+    Returns
+    -------
+    coords : numpy.ndarray
+        The ``coords`` dataset (level-0 top-left corners).
+    attrs : dict
+        The file-level attributes, numpy scalars converted to Python values.
+    """
     import h5py
 
     with h5py.File(path, "r") as f:
@@ -813,6 +844,7 @@ class TileDataset(_TorchDataset):
         return self._reader
 
     def read(self, i: int) -> np.ndarray:
+        """Tile ``i`` as an RGB uint8 (patch_size, patch_size, 3) array, without the transform."""
         x, y = (int(v) for v in self.coords[i])
         rd = self._get_reader()
         if self.backend == "raw":

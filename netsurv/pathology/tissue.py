@@ -74,6 +74,11 @@ __all__ = ["TissueParams", "TissueMask", "thumbnail", "segment_tissue", "tissue_
 
 @dataclass
 class TissueParams:
+    """Thresholds and scales of the tissue / mark rules (see the module docstring).
+
+    Lengths are in µm, areas in µm², hues in degrees, saturation and value in [0, 1].
+    """
+
     thumb_mpp: float = 8.0
     black_value: float = 0.2
     black_max_saturation: float = 0.45
@@ -96,6 +101,13 @@ class TissueParams:
 
     @classmethod
     def from_any(cls, p) -> TissueParams:
+        """Build parameters from ``None`` (defaults), an instance (returned as is) or a mapping.
+
+        Raises
+        ------
+        ValueError
+            If the mapping has keys that are not fields of this class.
+        """
         if p is None:
             return cls()
         if isinstance(p, cls):
@@ -108,6 +120,7 @@ class TissueParams:
         return cls(**d)
 
     def to_dict(self) -> dict:
+        """Plain dict of all fields (``pen_hue_ranges`` as lists of floats), e.g. for JSON."""
         d = asdict(self)
         d["pen_hue_ranges"] = [[float(a), float(b)] for a, b in d["pen_hue_ranges"]]
         return d
@@ -121,6 +134,8 @@ MARK_NONE, MARK_DARK, MARK_INK = 0, 1, 2
 
 @dataclass
 class TissueMask:
+    """Result of a tissue segmentation on the thumbnail grid, with the marks and QC figures."""
+
     mask: np.ndarray          # bool (h, w) on the thumbnail grid
     thumb: np.ndarray         # uint8 (h, w, 3)
     scale: tuple              # level-0 pixels per thumbnail pixel (sx, sy)
@@ -146,14 +161,17 @@ class TissueMask:
 
     @property
     def tissue_fraction(self) -> float:
+        """Share of thumbnail pixels that are tissue."""
         return float(self.mask.mean())
 
     @property
     def tissue_mm2(self) -> float:
+        """Tissue area in mm² (``px_um`` per thumbnail pixel; NaN when ``px_um`` is unknown)."""
         return float(self.mask.sum()) * self.px_um ** 2 * 1e-6
 
     @property
     def marked_tissue_mm2(self) -> float:
+        """Area in mm² of the mark pixels that are as saturated as tissue (0 when not computed)."""
         if self.marked_tissue is None:
             return 0.0
         return float(self.marked_tissue.sum()) * self.px_um ** 2 * 1e-6

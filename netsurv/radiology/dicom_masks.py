@@ -69,6 +69,18 @@ class Series:
 
 
 def image_series(image_path, mask_path, kind: str) -> Series:
+    """The DICOM series of the image folder ``image_path``, for matching a mask to its slices.
+
+    Reads the SOP Instance, Series Instance and Frame of Reference UIDs of the folder's first
+    series, in the slice order :func:`~netsurv.radiology.volumes.read_volume` stacks them
+    with, so that the ``kind`` ("RTSTRUCT" or "SEG") file ``mask_path`` can be checked
+    against it.
+
+    Raises
+    ------
+    VolumeError
+        If ``image_path`` is not a folder (a DICOM mask needs the DICOM series it was drawn on).
+    """
     import pydicom
 
     folder = Path(image_path)
@@ -138,6 +150,19 @@ def pick_roi(rois: list[tuple[int, str]], roi, mask_path, kind: str) -> tuple[in
 
 @dataclass
 class DicomMask:
+    """A DICOM mask rasterised on its image by :func:`read_dicom_mask`.
+
+    Attributes
+    ----------
+    mask : SimpleITK.Image
+        uint8 0/1 mask with the image's geometry.
+    provenance : dict
+        ``mask_kind``, ``roi`` (name), ``roi_number``, ``mask`` (path) and ``rasteriser``.
+    notes : list of str
+        Problems met while rasterising that did not stop it (open or off-slice contours,
+        fractional SEG thresholded at 0.5, ...).
+    """
+
     mask: sitk.Image                     # uint8 0/1 on the image grid
     provenance: dict                     # mask_kind, roi, roi_number, mask, rasteriser
     notes: list[str] = field(default_factory=list)

@@ -11,6 +11,7 @@ class VolumeError(ValueError):
 
 
 def geometry(img: sitk.Image) -> dict:
+    """Size, spacing, origin and direction of ``img``, rounded for display in error messages."""
     return {"size": tuple(img.GetSize()), "spacing": tuple(round(s, 6) for s in img.GetSpacing()),
             "origin": tuple(round(o, 4) for o in img.GetOrigin()),
             "direction": tuple(round(d, 6) for d in img.GetDirection())}

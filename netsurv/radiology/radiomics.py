@@ -10,7 +10,8 @@ returns the whole table.  Reading notes (mask labelled 255, other labels present
 resampled) are kept per case: ``notes`` column of ``failures.csv`` and the console summary.
 A DICOM RTSTRUCT/SEG mask's provenance (kind, ROI used, rasteriser and version) is kept in the
 case's cache document and in the ``mask_kind``/``roi``/``rasteriser`` columns of
-``failures.csv``, where every such case has a row.
+``failures.csv``, where every such case has a row.  The loop and the table are those of every
+stage: :func:`netsurv.stages.cached_map` and :mod:`netsurv.stages.failures`.
 """
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ def make_extractor(params: dict):
 
 
 def params_hash(params: dict) -> str:
+    """Cache key (12 hex characters) of radiomics extraction parameters.
+
+    Covers what changes the features: the ``settings``, ``image_types``, ``features``,
+    ``label`` and ``resample_mask`` entries of ``params``, the installed pyradiomics version and
+    ``CODE_VERSION``.
+    """
     import radiomics
 
     keep = {k: params.get(k) for k in ("settings", "image_types", "features", "label",
@@ -91,6 +98,11 @@ class HashIndex:
             self.table = {}
 
     def file_hash(self, p) -> str:
+        """Content hash of file ``p``, or of every file under directory ``p`` (in sorted order).
+
+        Files whose (path, size, mtime) is already in the memo are not read again; newly hashed
+        files are remembered for :meth:`save`.
+        """
         p = Path(p)
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         h = hashlib.blake2b(digest_size=16)
@@ -107,6 +119,7 @@ class HashIndex:
         return h.hexdigest()
 
     def save(self):
+        """Merge the entries hashed by this process into the memo file (under a lock)."""
         from netsurv.stages import merge_json
 
         if not self.new and self.path.is_file():
@@ -175,8 +188,6 @@ def _job(args) -> dict:
 
 
 ACQUISITION_EXCLUDE = {"patient_id", "image", "mask", "label", "roi"}
-FAILURE_COLUMNS = ["stage", "patient_id", "item_id", "path", "error_type", "error", "image",
-                   "mask", "status", "reason", "notes", "mask_kind", "roi", "rasteriser"]
 
 
 def _record(item, res: dict) -> dict:
@@ -196,20 +207,20 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
 
     Returns ``(table, failures)``; the table holds ``patient_id``, the feature columns and the
     acquisition columns of ct.csv (ComBat batches); ``failures`` the failed cases
-    (:data:`FAILURE_COLUMNS`, ``status`` = ``failed``).  Both are also written to ``out_dir``
-    as ``radiomics.csv`` and ``failures.csv``, the latter also listing the extracted cases
-    that have reading notes (``status`` = ``noted``); per-case results live in
+    (:data:`netsurv.stages.FAILURE_COLUMNS`, ``status`` = ``failed``).  Both are also written
+    to ``out_dir`` as ``radiomics.csv`` and ``failures.csv``, the latter also listing the
+    extracted cases that have reading notes (``status`` = ``noted``); per-case results live in
     ``out_dir/cases/``.  On several ranks every rank returns the whole cohort's tables.
     """
     from netsurv.stages import (
-        ItemLocks,
-        clean_stale_temps,
-        gather,
-        json_map,
+        ItemFailed,
+        cached_map,
+        failure_row,
+        failures_frame,
         rank_zero,
-        shard,
         stage_env,
         write_csv,
+        write_failures,
     )
 
     out_dir = Path(out_dir)
@@ -225,78 +236,71 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
                     dup[:10])
     ct = ct.drop_duplicates("patient_id", keep="first")
     rows = [r._asdict() for r in ct.itertuples(index=False)]
-    order = sorted(range(len(rows)), key=lambda i: str(rows[i]["patient_id"]))
+    memo: dict = {}
 
-    def local():
-        clean_stale_temps(out_dir, subdirs=("cases",))
-        index = HashIndex(out_dir / "file_hashes.json")
-        items, pre = [], []
-        for i in shard(order, env):
-            r = rows[i]
-            label = default_label
-            if "label" in r and pd.notna(r["label"]):
-                label = int(r["label"])
-            roi = _roi_of(r, default_roi)
-            try:
-                key = f"{index.file_hash(r['image'])}|{index.file_hash(r['mask'])}|{label}|{ph}"
-                kind = dicom_mask_kind(r["mask"])
-                if kind:  # the ROI picked and the rasteriser's version change the mask
-                    key += f"|{roi}|{rasteriser(kind)}"
-                key = hashlib.sha256(key.encode()).hexdigest()[:16]
-            except OSError as exc:
-                pre.append((i, "failed", None, type(exc).__name__, f"cannot read input: {exc}"))
-                continue
-            except VolumeError as exc:
-                pre.append((i, "failed", None, type(exc).__name__, str(exc)))
-                continue
-            items.append({"i": i, "patient_id": r["patient_id"], "image": r["image"],
-                          "mask": r["mask"], "label": label, "roi": roi,
-                          "cache": cases_dir / f"{r['patient_id']}-{key}.json"})
-        index.save()
-        if n_jobs > 1 and len(items) > 1:
+    def start():
+        memo["index"] = HashIndex(out_dir / "file_hashes.json")
+
+    def label_of(r) -> int:
+        return int(r["label"]) if "label" in r and pd.notna(r["label"]) else default_label
+
+    def cache_path(r) -> Path:
+        index, label, roi = memo["index"], label_of(r), _roi_of(r, default_roi)
+        try:
+            key = f"{index.file_hash(r['image'])}|{index.file_hash(r['mask'])}|{label}|{ph}"
+            kind = dicom_mask_kind(r["mask"])
+            if kind:  # the ROI picked and the rasteriser's version change the mask
+                key += f"|{roi}|{rasteriser(kind)}"
+        except VolumeError as exc:
+            raise ItemFailed(type(exc).__name__, str(exc)) from None
+        key = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return cases_dir / f"{r['patient_id']}-{key}.json"
+
+    def ready(todo):
+        memo["index"].save()
+        if n_jobs > 1 and len(todo) > 1:
             # import pyradiomics before forking so workers inherit it instead of each paying
             # the ~1 s import (fork is the default start method on Linux)
             import radiomics.featureextractor  # noqa: F401
         else:
             _quiet_radiomics()
-        outcomes = json_map(
-            items, key=lambda it: str(it["patient_id"]), path=lambda it: it["cache"],
-            compute=_job, record=_record, required=("features", "notes"),
-            payload=lambda it: (it["patient_id"], it["image"], it["mask"], it["label"], params,
-                                it["roi"]),
-            locks=ItemLocks(out_dir), n_jobs=int(n_jobs), initializer=_worker_init,
-            progress=progress, desc="radiomics", unit="case", what="radiomics case")
-        return pre + [(it["i"], o.status, o.value, o.error_type, o.error)
-                      for it, o in zip(items, outcomes)]
 
-    got = {r[0]: r[1:] for part in gather(local, what="radiomics", env=env) for r in part}
+    outcomes = cached_map(
+        rows, stage="radiomics", folder=out_dir, item_id=lambda r: str(r["patient_id"]),
+        cache_path=cache_path, compute=_job, record=_record, required=("features", "notes"),
+        payload=lambda r: (r["patient_id"], r["image"], r["mask"], label_of(r), params,
+                           _roi_of(r, default_roi)),
+        n_jobs=int(n_jobs), initializer=_worker_init, start=start, ready=ready,
+        temp_subdirs=("cases",), progress=progress, unit="case", what="radiomics case",
+        env=env)
     acq_cols = [c for c in ct.columns if c not in ACQUISITION_EXCLUDE]
     table_rows, fail_rows = [], []
-    for i, r in enumerate(rows):
-        status, value, et, err = got[i]
-        base = {"stage": "radiomics", "patient_id": r["patient_id"], "item_id": r["patient_id"],
-                "path": r["image"], "image": r["image"], "mask": r["mask"], "mask_kind": "",
-                "roi": _roi_of(r, default_roi) or "", "rasteriser": ""}
-        if status == "failed":
-            fail_rows.append({**base, "error_type": et, "error": err, "status": "failed",
-                              "reason": err, "notes": ""})
+    for r, o in zip(rows, outcomes):
+        base = {"patient_id": r["patient_id"], "path": r["image"], "mask": r["mask"],
+                "roi": _roi_of(r, default_roi) or ""}
+        if o.status == "failed":
+            fail_rows.append(failure_row("radiomics", r["patient_id"], **base,
+                                         error_type=o.error_type, error=o.error,
+                                         reason=o.error))
             continue
+        value = o.value
         table_rows.append({"patient_id": r["patient_id"], **value["features"],
                            **{c: r[c] for c in acq_cols}})
         prov = value.get("provenance") or {}
         notes = ([provenance_note(prov)] if prov else []) + list(value.get("notes") or [])
         if notes:
-            fail_rows.append({**base, "error_type": "", "error": "", "status": "noted",
-                              "reason": "", "notes": "; ".join(notes),
-                              **({"mask_kind": prov["mask_kind"], "roi": prov["roi"],
-                                  "rasteriser": prov["rasteriser"]} if prov else {})})
+            fail_rows.append(failure_row(
+                "radiomics", r["patient_id"], **{**base, **({"roi": prov["roi"]} if prov else {})},
+                status="noted", reason="", notes="; ".join(notes),
+                **({"mask_kind": prov["mask_kind"], "rasteriser": prov["rasteriser"]}
+                   if prov else {})))
     table = pd.DataFrame(table_rows)
-    report = pd.DataFrame(fail_rows, columns=FAILURE_COLUMNS)
+    report = failures_frame(fail_rows)
     fail = report[report["status"] == "failed"].reset_index(drop=True)
 
     def write_tables():
         write_csv(out_dir / "radiomics.csv", table)
-        write_csv(out_dir / "failures.csv", report)
+        write_failures(out_dir / "failures.csv", report)
 
     rank_zero(write_tables, what="radiomics", env=env)
     if len(fail) and env.rank == 0:
@@ -307,10 +311,6 @@ def extract_cohort(ct: pd.DataFrame, params: dict, out_dir, *, n_jobs: int = 1,
 def case_notes(out_dir) -> pd.DataFrame:
     """Cases of the last extraction in ``out_dir`` that have reading notes (``patient_id``,
     ``notes``)."""
-    p = Path(out_dir) / "failures.csv"
-    if not p.is_file():
-        return pd.DataFrame(columns=["patient_id", "notes"])
-    df = pd.read_csv(p, keep_default_na=False)
-    if "status" not in df.columns:
-        return pd.DataFrame(columns=["patient_id", "notes"])
-    return df.loc[df["status"] == "noted", ["patient_id", "notes"]].reset_index(drop=True)
+    from netsurv.stages import read_failures
+
+    return read_failures(out_dir, status="noted")[["patient_id", "notes"]]

@@ -98,6 +98,21 @@ def non_finite_voxels(path, img: sitk.Image) -> tuple[int, tuple[int, ...] | Non
 
 @dataclass
 class Case:
+    """A CT image with its binary region-of-interest mask, as :func:`load_case` returns it.
+
+    Attributes
+    ----------
+    image : SimpleITK.Image
+        The 3-D image.
+    mask : SimpleITK.Image
+        Binary uint8 mask (1 = region of interest) with the image's geometry.
+    notes : list of str
+        What was adjusted on the way (resampled mask, label 255 accepted, DICOM mask notes ...).
+    provenance : dict
+        For DICOM RTSTRUCT / SEG masks: ``mask_kind``, ``roi``, ``roi_number``, ``mask`` (file)
+        and ``rasteriser``; empty otherwise.
+    """
+
     image: sitk.Image
     mask: sitk.Image          # binary uint8, 1 = region of interest, same geometry as image
     notes: list[str] = field(default_factory=list)

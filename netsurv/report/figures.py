@@ -32,6 +32,26 @@ SPLIT_ALPHA = 0.35
 # --------------------------------------------------------------------------- run loading
 @dataclass
 class RunData:
+    """What :func:`load_run` read from a run directory, for the figure functions.
+
+    Attributes
+    ----------
+    run_dir : pathlib.Path
+        The run directory.
+    cfg : dict
+        The run's ``config.yaml`` (unresolved), empty when missing.
+    metrics : dict or None
+        ``metrics.json``, None when missing.
+    pred : pandas.DataFrame or None
+        ``predictions.csv``, with ``time`` and ``event`` joined when the cohort loads.
+    cohort : Cohort or None
+        The run's cohort (:class:`netsurv.cohort.schema.Cohort`), None when not loaded.
+    target : str
+        The endpoint (``metrics.json``'s ``endpoint``, else the config's ``target``).
+    problems : list of str
+        Why something could not be loaded.
+    """
+
     run_dir: Path
     cfg: dict = field(default_factory=dict)
     metrics: dict | None = None
@@ -42,9 +62,11 @@ class RunData:
 
     @property
     def has_outcome(self) -> bool:
+        """True when the predictions carry ``time`` and ``event`` (the cohort was joined)."""
         return self.pred is not None and {"time", "event"} <= set(self.pred.columns)
 
     def splits(self) -> list[str]:
+        """Split names in order of first appearance in the predictions (empty without them)."""
         return [] if self.pred is None else list(dict.fromkeys(self.pred.split.astype(str)))
 
 
@@ -179,6 +201,13 @@ def td_auc_curves(rd: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def fig_td_auc(rd: RunData):
+    """Time-dependent AUC curves per split and their mean (:func:`td_auc_curves`).
+
+    Raises
+    ------
+    ValueError
+        If the AUC is undefined in every split.
+    """
     import matplotlib.pyplot as plt
 
     curves = td_auc_curves(rd)
@@ -353,6 +382,10 @@ def calibration_table(rd: RunData, horizon: float | None = None, n_bins: int = 5
 
 
 def fig_calibration(rd: RunData, horizon: float | None = None, n_bins: int = 5):
+    """Calibration plot at ``horizon``: predicted vs observed KM survival per quantile group.
+
+    See :func:`calibration_table`; ``horizon`` defaults to :func:`default_horizon`.
+    """
     import matplotlib.pyplot as plt
 
     t = calibration_table(rd, horizon, n_bins)
@@ -409,6 +442,11 @@ def forest_table(hr: pd.DataFrame, n_splits: int | None = None) -> pd.DataFrame:
 
 
 def fig_forest(rd: RunData, max_features: int = 30):
+    """Forest plot of the Cox hazard ratios in ``hazard_ratios.csv`` (:func:`forest_table`).
+
+    Shows at most ``max_features`` features, those selected in most splits first, with the
+    per-split values beside the medians when the file has a ``split`` column.
+    """
     import matplotlib.pyplot as plt
 
     hr = pd.read_csv(rd.run_dir / "hazard_ratios.csv")
@@ -439,11 +477,27 @@ def fig_forest(rd: RunData, max_features: int = 30):
 
 
 def selection_frequency(sel: pd.DataFrame, n_splits: int | None = None) -> pd.Series:
+    """Share of splits in which each feature was selected, most frequent first.
+
+    Parameters
+    ----------
+    sel : pandas.DataFrame
+        ``selected_features.csv``: one row per (``split``, ``feature``).
+    n_splits : int, optional
+        Number of splits to divide by; defaults to the splits present in ``sel``.
+    """
     n = n_splits or sel.split.nunique()
     return (sel.groupby("feature").split.nunique() / n).sort_values(ascending=False)
 
 
 def fig_selection(rd: RunData, max_features: int = 40):
+    """Bar chart of :func:`selection_frequency` from ``selected_features.csv``.
+
+    Raises
+    ------
+    ValueError
+        If ``selected_features.csv`` is empty.
+    """
     import matplotlib.pyplot as plt
 
     sel = pd.read_csv(rd.run_dir / "selected_features.csv")

@@ -1,15 +1,7 @@
 """Attention heatmaps and tile galleries for MIL models.
 
-A deep run writes ``attention.h5`` into its run directory (read by :func:`read_attention`,
-written by :func:`write_attention`)::
-
-    /<split>/<patient_id>            group, one per patient and split
-        coords     (N, 2) int64      level-0 pixel (x, y) of each tile's top-left corner
-        slide      (N,)   int        index into the group attribute ``slide_ids``
-        attention  (N,)   float      attention weight of each tile
-        attrs: slide_ids (list of str), patch_size_level0 (list, one per slide: tile side in
-               level-0 px), read_mpp (µm/px the tiles were read at), risk (float), role
-               ("train" / "test")
+The tile attention comes from a run's ``attention.h5`` (its format, reader and writer are in
+:mod:`netsurv.evaluation.attention`, beside the training code that writes it).
 
 Slides are opened with :func:`netsurv.pathology.slides.open_slide`, paths (and ``mpp``
 overrides) from the cohort's ``slides.csv``.
@@ -21,77 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-# --------------------------------------------------------------------------- attention.h5
-@dataclass
-class PatientAttention:
-    split: str
-    patient_id: str
-    coords: np.ndarray                      # (N, 2) int64, level-0 px, top-left
-    slide: np.ndarray                       # (N,) index into slide_ids
-    attention: np.ndarray                   # (N,) float
-    slide_ids: list[str]
-    patch_size_level0: list[int]
-    read_mpp: float
-    risk: float = float("nan")
-    role: str = ""
-
-    def tiles_of(self, i: int):
-        """(coords, attention) of slide ``i``."""
-        m = self.slide == i
-        return self.coords[m], self.attention[m]
-
-
-def _str(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def read_attention(path, split: str | None = None, patients=None) -> list[PatientAttention]:
-    """All (or the chosen ``split`` / ``patients``) records of an ``attention.h5``."""
-    import h5py
-
-    wanted = None if patients is None else {str(p) for p in patients}
-    out = []
-    with h5py.File(path, "r") as f:
-        for s in f:
-            if split is not None and s != split:
-                continue
-            for pid, g in f[s].items():
-                if wanted is not None and pid not in wanted:
-                    continue
-                a = g.attrs
-                sids = [_str(v) for v in np.atleast_1d(a["slide_ids"])]
-                ps = np.atleast_1d(a["patch_size_level0"]).astype(int).tolist()
-                if len(ps) == 1 and len(sids) > 1:
-                    ps = ps * len(sids)
-                out.append(PatientAttention(
-                    split=s, patient_id=pid,
-                    coords=np.asarray(g["coords"][()], np.int64).reshape(-1, 2),
-                    slide=np.asarray(g["slide"][()], int).ravel(),
-                    attention=np.asarray(g["attention"][()], float).ravel(),
-                    slide_ids=sids, patch_size_level0=ps, read_mpp=float(a["read_mpp"]),
-                    risk=float(a.get("risk", np.nan)), role=_str(a.get("role", ""))))
-    return out
-
-
-def write_attention(path, records, mode: str = "a") -> None:
-    """Write :class:`PatientAttention` records (the format above; replaces existing groups)."""
-    import h5py
-
-    with h5py.File(path, mode) as f:
-        for r in records:
-            name = f"{r.split}/{r.patient_id}"
-            if name in f:
-                del f[name]
-            g = f.create_group(name)
-            g.create_dataset("coords", data=np.asarray(r.coords, np.int64).reshape(-1, 2))
-            g.create_dataset("slide", data=np.asarray(r.slide, np.int64))
-            g.create_dataset("attention", data=np.asarray(r.attention, np.float32))
-            g.attrs["slide_ids"] = [str(s) for s in r.slide_ids]
-            g.attrs["patch_size_level0"] = [int(p) for p in r.patch_size_level0]
-            g.attrs["read_mpp"] = float(r.read_mpp)
-            g.attrs["risk"] = float(r.risk)
-            g.attrs["role"] = str(r.role)
+from netsurv.evaluation.attention import PatientAttention, read_attention
 
 
 # --------------------------------------------------------------------------- heatmap
@@ -148,6 +70,23 @@ def score_raster(coords, scores, patch_size_level0: int, shape, downsample: floa
 
 @dataclass
 class Heatmap:
+    """A tile-score overlay on a slide thumbnail, as :func:`draw_heatmap` returns it.
+
+    Attributes
+    ----------
+    thumbnail : numpy.ndarray
+        (h, w, 3) uint8 slide thumbnail.
+    overlay : numpy.ndarray
+        (h, w, 3) uint8 thumbnail with the scores blended in (what the PNG holds).
+    scores : numpy.ndarray
+        (h, w) mean normalised score of the tiles covering each thumbnail pixel, NaN where
+    no tile lies.
+    downsample : float
+        Level-0 pixels per thumbnail pixel.
+    png : pathlib.Path or None
+        Where the overlay was written, None when it was not.
+    """
+
     thumbnail: np.ndarray        # (h, w, 3) uint8
     overlay: np.ndarray          # (h, w, 3) uint8, written to out_png pixel for pixel
     scores: np.ndarray           # (h, w) float in [0, 1], NaN off-tile
@@ -303,6 +242,18 @@ def choose_records(records: list[PatientAttention], patients=None, split: str | 
 
 @dataclass
 class PatientFigures:
+    """Figures made for one patient by :func:`attention_figures`.
+
+    Attributes
+    ----------
+    record : PatientAttention
+        The patient's attention record.
+    heatmap_png, gallery_png : pathlib.Path or None
+        The heatmap and tile-gallery PNGs, None when they could not be drawn.
+    errors : list of str
+        What failed (unreadable slides, failed figures).
+    """
+
     record: PatientAttention
     heatmap_png: Path | None = None
     gallery_png: Path | None = None

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from netsurv.modalities import CLINICAL
+
 log = logging.getLogger(__name__)
 
 CSS = """
@@ -187,7 +189,7 @@ def data_summary(rd) -> tuple[pd.DataFrame, pd.DataFrame]:
     pts["time"], pts["event"] = t, e
     in_run = set(rd.pred.patient_id) if rd.pred is not None else set()
     pts["in_run"] = [p in in_run for p in pts.index]
-    pts["clinical"] = True
+    pts[CLINICAL] = True
     n_sl = c.slides.groupby("patient_id").size() if c.slides is not None else pd.Series(dtype=int)
     pts["wsi_slides"] = n_sl.reindex(pts.index).fillna(0).astype(int)
     pts["ct"] = pts.index.isin(set(c.ct.patient_id)) if c.ct is not None else False
@@ -200,7 +202,7 @@ def data_summary(rd) -> tuple[pd.DataFrame, pd.DataFrame]:
                      "censored": f"{int(n - sub.event.sum())} ({(1 - sub.event.mean()) * 100:.0f} %)"
                      if n else "0",
                      "median time (months)": f"{sub.time.median():.1f}" if n else "–",
-                     "clinical": int(sub.clinical.sum()),
+                     "clinical": int(sub[CLINICAL].sum()),
                      "WSI (patients / slides)": f"{int((sub.wsi_slides > 0).sum())} / {int(sub.wsi_slides.sum())}",
                      "CT": int(sub.ct.sum()),
                      **{k: int(sub[k].sum()) for k in sub.columns if k.startswith("features:")}})

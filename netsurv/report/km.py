@@ -113,6 +113,22 @@ def logrank_p(time, event, group) -> float:
 
 @dataclass
 class KMResult:
+    """Risk groups and log-rank tests of a run, as :func:`km_analysis` returns them.
+
+    Attributes
+    ----------
+    groups : pandas.DataFrame
+        Test rows of every split with their group (:func:`km_groups`).
+    n_groups : int
+        2 (median split) or 3 (tertiles).
+    p_split : dict of str to float
+        Log-rank p-value per split.
+    p_pooled : float
+        Log-rank p-value over ``pooled`` (each patient once).
+    pooled : pandas.DataFrame or None
+        One row per patient (:func:`pooled_groups`).
+    """
+
     groups: pd.DataFrame                      # km_groups() output
     n_groups: int
     p_split: dict[str, float] = field(default_factory=dict)

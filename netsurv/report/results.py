@@ -104,6 +104,17 @@ def _cohort_name(run_dir: Path) -> str | None:
 
 
 def collect(multirun_dir) -> pd.DataFrame:
+    """One row per run: the figures of every ``metrics.json`` found under ``multirun_dir``.
+
+    Columns: experiment, harmonisation, endpoint, protocol, cohort, patient and event counts,
+    mean test C-index with its 95 % interval, the classical baseline's name and C-index, the
+    paired difference with its interval, IBS, null IBS, oracle C-index and the run directory.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no ``metrics.json`` under ``multirun_dir``.
+    """
     rows = []
     for f in sorted(Path(multirun_dir).rglob("metrics.json")):
         m = json.loads(f.read_text(encoding="utf-8"))
@@ -320,6 +331,7 @@ def _job_log(config) -> str:
 
 
 def status_line(exc) -> str:
+    """``"<ExceptionType>: <first line of the message>"`` for a job record or table cell."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
@@ -329,6 +341,11 @@ class ResultsTableCallback(Callback):
     table (finished runs + failed jobs) up to date; print it at the end of the multirun."""
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
+        """Record the job's end (multirun only) and, on rank 0, rewrite the results table.
+
+        Ranks other than 0 record only a failure.  A failed job's traceback is logged into its own
+        log, since Hydra keeps the exception without printing it.
+        """
         from hydra.core.utils import JobStatus, filter_overrides
         from hydra.types import RunMode
 
@@ -357,4 +374,5 @@ class ResultsTableCallback(Callback):
             update_results(sweep)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        """Rewrite the results table a last time and print it with the failed jobs."""
         update_results(Path(config.hydra.sweep.dir), quiet=False)

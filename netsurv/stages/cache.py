@@ -96,12 +96,14 @@ def atomic_path(path, suffix: str = ""):
 
 
 def write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`) and return the path."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
 def write_csv(path, df) -> Path:
+    """Write DataFrame ``df`` to ``path`` as CSV without its index, atomically; return the path."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return Path(path)
@@ -155,6 +157,7 @@ def discard(exc: CorruptCacheError, what: str = "cache entry") -> None:
 
 # ----------------------------------------------------------------------------- stale temps
 def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (also when another user owns it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -273,6 +276,7 @@ class ItemLocks:
         return lock
 
     def note_failure(self, key: str, error_type: str, error: str) -> None:
+        """Record that item ``key`` failed (error type, message, time, host and pid)."""
         write_json(self.dir / f"{self._name(key)}.failed.json",
                    {"error_type": error_type, "error": error, "time": time.time(),
                     "host": _host(), "pid": os.getpid()})
@@ -289,6 +293,7 @@ class ItemLocks:
         return (d["error_type"], d["error"]) if float(d["time"]) >= since else None
 
     def clear_failure(self, key: str) -> None:
+        """Remove the failure note of item ``key``, if any."""
         with contextlib.suppress(FileNotFoundError):
             (self.dir / f"{self._name(key)}.failed.json").unlink()
 
@@ -386,6 +391,7 @@ class VerifiedFiles:
             self.load()
 
     def load(self) -> None:
+        """Read the memo file; a missing or damaged memo leaves the memo empty."""
         try:
             self.table = dict(read_json(self.path))
         except FileNotFoundError:
@@ -413,6 +419,7 @@ class VerifiedFiles:
         self.add(p)
 
     def add(self, p) -> None:
+        """Remember file ``p`` as verified in its current state (to be written by :meth:`save`)."""
         sig = self._sig(Path(p))
         if sig is not None:
             self.new[Path(p).name] = sig

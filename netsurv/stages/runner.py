@@ -16,6 +16,12 @@ per-item lock, so that two jobs on one cohort never compute the same item twice:
 :func:`json_map` is the same loop for stages whose per-item result is a small JSON document
 (radiomics, pathomics): the parent writes each result atomically with a checksum and reads
 it back verified.  Worker processes die with their parent (:func:`die_with_parent`).
+
+:func:`cached_map` is the whole stage around it: this rank's share of the items
+(:func:`~netsurv.stages.ranks.shard`), stale temps removed, each item's cache file named
+(an input that cannot be read fails that item only), :func:`json_map`, and every rank's
+outcomes gathered, so each rank gets one :class:`Outcome` per item of the cohort.  The stage
+then writes its tables, failures with :func:`netsurv.stages.failures.write_failures`.
 """
 from __future__ import annotations
 
@@ -29,21 +35,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cache import CorruptCacheError, ItemLocks, discard, read_json, write_json
+from .cache import CorruptCacheError, ItemLocks, clean_stale_temps, discard, read_json, write_json
+from .ranks import gather, shard, stage_env
 
-__all__ = ["Outcome", "ItemFailed", "run_items", "json_map", "process_pool", "die_with_parent",
-           "FAILURE_COLUMNS"]
+__all__ = ["Outcome", "ItemFailed", "run_items", "json_map", "cached_map", "process_pool",
+           "die_with_parent"]
 
 log = logging.getLogger("netsurv.stages")
-
-# Columns every stage's failures table starts with (stage-specific columns follow).
-FAILURE_COLUMNS = ["stage", "patient_id", "item_id", "path", "error_type", "error"]
 
 
 class ItemFailed(Exception):
@@ -70,6 +74,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
+        """Whether the item has a result (``done`` or ``skipped``)."""
         return self.status in ("done", "skipped")
 
 
@@ -142,7 +147,7 @@ def run_items(items: Sequence, *, key: Callable[[Any], str],
               initializer: Callable | None = None, initargs: tuple = (),
               progress: bool = False, desc: str = "items", unit: str = "item",
               what: str = "cache entry", poll: float = 0.2,
-              since: float | None = None) -> list[Outcome]:
+              since: float | None = None, pool: str = "process") -> list[Outcome]:
     """Bring every item's cached result up to date; one :class:`Outcome` per item, in order.
 
     ``key(item)``: unique id (lock and failure-note names, messages).  ``lookup(item)``: the
@@ -153,8 +158,12 @@ def run_items(items: Sequence, *, key: Callable[[Any], str],
     picklable); raising fails the item.  ``finish(item, result)``: in this process, persists
     the result and returns the value to keep; raising (e.g. :class:`ItemFailed`) fails the item.
     ``since``: failures other jobs noted at or after this time (``time.time()``; default: now)
-    are adopted instead of recomputed.
+    are adopted instead of recomputed.  ``pool``: ``process`` (default; worker processes that
+    die with this one) or ``thread`` (worker threads of this process: ``compute`` need not be
+    picklable; for work that releases the GIL) when ``n_jobs > 1``.
     """
+    if pool not in ("process", "thread"):
+        raise ValueError(f"run_items: pool={pool!r}; expected 'process' or 'thread'")
     from tqdm.auto import tqdm
 
     t_start = time.time() if since is None else float(since)
@@ -178,13 +187,15 @@ def run_items(items: Sequence, *, key: Callable[[Any], str],
             todo.append(i)
 
     parallel = n_jobs > 1 and len(todo) > 1
-    pool = [None]
+    kind, pool = pool, [None]
     inflight: dict = {}
     cap = 2 * int(n_jobs)
 
     def executor():
         if pool[0] is None:
-            pool[0] = process_pool(min(int(n_jobs), len(todo)), initializer, initargs)
+            n = min(int(n_jobs), len(todo))
+            pool[0] = (process_pool(n, initializer, initargs) if kind == "process" else
+                       ThreadPoolExecutor(n, initializer=initializer, initargs=tuple(initargs)))
         return pool[0]
 
     def complete(i, lock, t0, ok, res, corrupt):
@@ -325,3 +336,112 @@ def json_map(items: Sequence, *, key: Callable[[Any], str], path: Callable[[Any]
 
     return run_items(items, key=key, lookup=lookup, compute=compute, finish=finish,
                      locks=locks, **kw)
+
+
+def cached_map(items: Sequence, *, stage: str, folder, item_id: Callable[[Any], str],
+               cache_path: Callable[[Any], Path], compute: Callable[[Any], Any],
+               record: Callable[[Any, Any], dict], required: Sequence[str] = (),
+               payload: Callable[[Any], Any] | None = None, n_jobs: int = 1,
+               pool: str = "process", initializer: Callable | None = None,
+               initargs: tuple = (), start: Callable[[], None] | None = None,
+               ready: Callable[[list], None] | None = None, temp_subdirs: Sequence[str] = (),
+               progress: bool = False, unit: str = "item", what: str | None = None,
+               env=None) -> list[Outcome]:
+    """Map ``compute`` over the items of a cohort, each result cached as one verified JSON file.
+
+    May be called on every rank of a job (torchrun, SLURM): each rank takes its share of the
+    items sorted by ``item_id`` (:func:`~netsurv.stages.ranks.shard`) and every rank returns
+    the outcomes of all items.  Items whose cache file is valid are not recomputed; a failed
+    item never loses the other items' results (each is written as soon as it is done), and is
+    tried again by the next run.
+
+    Parameters
+    ----------
+    items : sequence
+        The items (e.g. rows of slides.csv or ct.csv as dicts), the same on every rank.
+    stage : str
+        The stage's name (progress bar, messages naming a failed rank).
+    folder : str or Path
+        The stage's output folder: per-item locks and failure notes go to ``<folder>/.locks/``
+        and temps left there (and in ``temp_subdirs``) by killed jobs are removed first.
+    item_id : callable
+        ``item_id(item)``: the item's unique id (order of the shards, lock names).
+    cache_path : callable
+        ``cache_path(item)``: the item's cache file; its name should hold a key of the inputs
+        and parameters, so that a change makes a new entry.  Raising
+        :class:`ItemFailed` fails the item with that type and message, raising ``OSError`` (an
+        input that cannot be read) fails it with ``cannot read input: <error>``.
+    compute : callable
+        ``compute(payload(item))``: the work, in this process (``n_jobs <= 1``) or in a pool
+        (``pool``); raising fails the item.  For a process pool, ``compute`` and the payload
+        must be picklable.
+    record : callable
+        ``record(item, result)``: the JSON document to cache for ``compute``'s result;
+        raising (e.g. :class:`ItemFailed`) fails the item.
+    required : sequence of str
+        Keys a cached document must have to be used (otherwise it is deleted and recomputed).
+    payload : callable, optional
+        ``payload(item)``: what ``compute`` gets (default: the item).
+    n_jobs : int
+        Number of worker processes or threads; 1: everything in this process.
+    pool : {"process", "thread"}
+        Kind of workers when ``n_jobs > 1``.
+    initializer, initargs
+        Run once in every worker.
+    start : callable, optional
+        ``start()``: called first on each rank (e.g. to open a memo ``cache_path`` reads).
+    ready : callable, optional
+        ``ready(items)``: called on each rank with its items that have a cache path, before any
+        is looked up or computed (e.g. to save that memo, to import a library before forking).
+    temp_subdirs : sequence of str
+        Subfolders of ``folder`` cleaned of stale temps too.
+    progress : bool
+        Show a progress bar.
+    unit : str
+        Unit of the progress bar (``slide``, ``case``).
+    what : str, optional
+        What a cache entry is, in messages (default: ``<stage> entry``).
+    env : DistEnv, optional
+        This process's place in the job (default :func:`~netsurv.stages.ranks.stage_env`).
+
+    Returns
+    -------
+    list of Outcome
+        One per item, in the order of ``items``: ``status`` ``done``, ``skipped`` or
+        ``failed`` (then ``error_type`` and ``error``); ``value`` the cached document of an
+        item that succeeded.
+    """
+    env = env or stage_env()
+    folder = Path(folder)
+    items = list(items)
+    ids = [str(item_id(it)) for it in items]
+    order = sorted(range(len(items)), key=lambda i: ids[i])
+    payload = payload or (lambda it: it)
+
+    def local():
+        clean_stale_temps(folder, subdirs=tuple(temp_subdirs))
+        if start is not None:
+            start()
+        paths: dict[int, Path] = {}
+        done: list[tuple[int, Outcome]] = []
+        for i in shard(order, env):
+            try:
+                paths[i] = Path(cache_path(items[i]))
+            except ItemFailed as exc:
+                done.append((i, Outcome(ids[i], "failed", None, exc.error_type, exc.error)))
+            except OSError as exc:
+                done.append((i, Outcome(ids[i], "failed", None, type(exc).__name__,
+                                        f"cannot read input: {exc}")))
+        todo = list(paths)
+        if ready is not None:
+            ready([items[i] for i in todo])
+        outcomes = json_map(
+            todo, key=lambda i: ids[i], path=lambda i: paths[i], compute=compute,
+            record=lambda i, res: record(items[i], res), required=required,
+            payload=lambda i: payload(items[i]), locks=ItemLocks(folder), n_jobs=int(n_jobs),
+            pool=pool, initializer=initializer, initargs=initargs, progress=progress,
+            desc=stage, unit=unit, what=what or f"{stage} entry")
+        return done + list(zip(todo, outcomes))
+
+    got = dict(x for part in gather(local, what=stage, env=env) for x in part)
+    return [got[i] for i in range(len(items))]

@@ -36,6 +36,18 @@ class Breslow:
     """
 
     def fit(self, risk, time, event) -> Breslow:
+        """Fit the baseline on training risks (linear predictor), times and event indicators.
+
+        Returns
+        -------
+        Breslow
+            ``self``, with ``times_``, ``cum_hazard_`` and ``centre_`` set.
+
+        Raises
+        ------
+        ValueError
+            If the three arrays differ in length or are empty.
+        """
         from sksurv.linear_model.coxph import BreslowEstimator
 
         risk = np.asarray(risk, float).reshape(-1)

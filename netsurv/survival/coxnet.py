@@ -7,9 +7,11 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import StratifiedKFold
+from sklearn.utils.validation import check_is_fitted
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 
+from .base import SurvivalMixin, check_survival_y
 from .metrics import harrell_cindex
 
 
@@ -46,9 +48,46 @@ def _fit_path(X, time, event, l1_ratio, n_alphas, alpha_min_ratio, alphas=None, 
     raise ArithmeticError("Coxnet failed to converge even with a strongly penalised path")
 
 
-class CoxNet(BaseEstimator):
-    """Elastic-net Cox. ``alpha=None`` selects the penalty on the path by inner stratified
-    ``cv``-fold C-index on the training rows given to ``fit`` (never on test data)."""
+class CoxNet(SurvivalMixin, BaseEstimator):
+    """Elastic-net Cox (scikit-survival's ``CoxnetSurvivalAnalysis``) at one penalty.
+
+    ``alpha=None`` selects the penalty on the path by inner stratified ``cv``-fold C-index (or
+    cross-validated partial likelihood, ``cv_metric="deviance"``) on the training rows given to
+    ``fit`` (never on test data). ``predict`` = linear predictor (risk, higher = worse);
+    ``predict_survival_function`` / ``predict_survival`` = S(t | x) with the Breslow baseline
+    of the training data; ``score`` = Harrell's C-index.
+
+    Parameters
+    ----------
+    l1_ratio : float
+        Elastic-net mixing (1 = lasso).
+    alpha : float or None
+        Penalty; ``None``: chosen by inner CV.
+    n_alphas, alpha_min_ratio : int, float
+        The penalty path searched when ``alpha=None``.
+    cv : int
+        Inner folds when ``alpha=None``.
+    cv_metric : {"cindex", "deviance"}
+        Inner CV criterion.
+    seed : int
+        Seed of the inner folds.
+
+    Attributes
+    ----------
+    columns_ : list
+        Features, in training order.
+    alpha_ : float
+        The penalty used.
+    coef_ : ndarray
+        Coefficients of ``columns_`` at ``alpha_``.
+    model_ : sksurv.linear_model.CoxnetSurvivalAnalysis
+        The fitted scikit-survival model (with its baseline model).
+    unique_times_ : ndarray
+        Observed training times, the baseline's grid (where ``return_array=True`` evaluates
+        the curves).
+    cv_scores_ : ndarray
+        Inner CV score per penalty of the path (``alpha=None`` with at least 2 folds only).
+    """
 
     def __init__(self, l1_ratio: float = 0.5, alpha: float | None = None, n_alphas: int = 100,
                  alpha_min_ratio: float = 0.01, cv: int = 3, cv_metric: str = "cindex",
@@ -110,25 +149,106 @@ class CoxNet(BaseEstimator):
             return float(alphas[-1])
         return float(alphas[int(np.argmax(np.where(eligible, self.cv_scores_, -np.inf)))])
 
-    def fit(self, X: pd.DataFrame, time, event):
+    def fit(self, X: pd.DataFrame, y):
+        """Fit the elastic-net Cox model (choosing ``alpha`` first when it is ``None``).
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Numeric features, one row per patient.
+        y : structured ndarray
+            Survival outcome, ``sksurv.util.Surv.from_arrays(event, time)`` (a ``(time, event)``
+            pair is accepted too).
+
+        Returns
+        -------
+        self
+        """
         X = pd.DataFrame(X).astype(float)
+        time, event = check_survival_y(y, len(X), "CoxNet")
         self.columns_ = list(X.columns)
         A = X.to_numpy()
-        time = np.asarray(time, float)
-        event = np.asarray(event).astype(int)
         self.alpha_ = float(self.alpha) if self.alpha is not None else self._choose_alpha(A, time, event)
         self.model_ = _fit_path(A, time, event, self.l1_ratio, 100, 0.01, alphas=[self.alpha_],
                                 baseline=True)
         self.coef_ = self.model_.coef_[:, -1]
+        self.unique_times_ = np.unique(time)  # the baseline's time grid (all observed times)
         return self
 
-    def predict_risk(self, X: pd.DataFrame) -> np.ndarray:
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        """Risk score (linear predictor) of each row; higher = worse prognosis.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Rows to score, with the training columns.
+
+        Returns
+        -------
+        ndarray, shape (n_samples,)
+        """
+        check_is_fitted(self, "coef_")
         # a row-wise sum, not BLAS `@`: gemv's blocking makes a patient's last bits depend on the
         # other rows scored with it, and scoring a cohort again (scripts/predict.py) must
         # reproduce the run's risks exactly (exact ties among risks then stay ties)
         return (pd.DataFrame(X)[self.columns_].astype(float).to_numpy() * self.coef_).sum(axis=1)
 
+    def _design(self, X) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        return pd.DataFrame(X)[self.columns_].astype(float).to_numpy()
+
     def predict_survival(self, X: pd.DataFrame, times) -> np.ndarray:
-        A = pd.DataFrame(X)[self.columns_].astype(float).to_numpy()
-        fns = self.model_.predict_survival_function(A, alpha=self.model_.alphas_[-1])
+        """S(t | x) at ``times``, ``[n_patients, n_times]`` (Breslow baseline of the training
+        data); what the integrated Brier score of a run needs.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Rows to predict.
+        times : array-like
+            Time points within the training follow-up (scikit-survival's step functions raise
+            outside ``[0, last training time]``).
+
+        Returns
+        -------
+        ndarray, shape (n_samples, n_times)
+        """
+        fns = self.model_.predict_survival_function(self._design(X), alpha=self.model_.alphas_[-1])
         return np.vstack([f(np.asarray(times, float)) for f in fns])
+
+    def predict_survival_function(self, X: pd.DataFrame, return_array: bool = False):
+        """Survival function S(t | x) of each row (scikit-survival's API).
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Rows to predict.
+        return_array : bool
+            ``True``: values at ``unique_times_``, shape ``(n_samples, n_times)``; ``False``:
+            one :class:`sksurv.functions.StepFunction` per row.
+
+        Returns
+        -------
+        ndarray
+        """
+        return self.model_.predict_survival_function(self._design(X),
+                                                     alpha=self.model_.alphas_[-1],
+                                                     return_array=return_array)
+
+    def predict_cumulative_hazard_function(self, X: pd.DataFrame, return_array: bool = False):
+        """Cumulative hazard H(t | x) of each row (scikit-survival's API).
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Rows to predict.
+        return_array : bool
+            ``True``: values at ``unique_times_``, shape ``(n_samples, n_times)``; ``False``:
+            one :class:`sksurv.functions.StepFunction` per row.
+
+        Returns
+        -------
+        ndarray
+        """
+        return self.model_.predict_cumulative_hazard_function(
+            self._design(X), alpha=self.model_.alphas_[-1], return_array=return_array)

@@ -46,7 +46,9 @@ def _loss_class(name) -> type[SurvivalLoss]:
 
 
 def make_loss(name, *, ties: str = "efron", edges=None) -> SurvivalLoss:
-    """The loss object of a ``loss=`` config value (``cox``, its alias ``deepsurv``, ``nll``).
+    """The loss object of a loss name (``cox``, its alias ``deepsurv``, ``nll``): what a saved
+    model stores (``inputs["loss"]``) to rebuild its loss.  Training builds the loss from the
+    ``loss`` config group instead (its ``_target_``, ``hydra.utils.instantiate``).
 
     ``ties``: Cox tie handling ("efron" | "breslow"); ``edges``: the fitted
     :class:`TimeBins` edges of a loss with ``needs_bins`` (``None`` until they are fitted).
@@ -231,18 +233,25 @@ class CoxPHLoss(SurvivalLoss):
 
     @classmethod
     def from_options(cls, *, ties: str = "efron", edges=None) -> CoxPHLoss:
+        """The Cox loss for :func:`make_loss`'s options: uses ``ties``, ignores ``edges``."""
         return cls(ties=ties)
 
     def forward(self, risk: Tensor, time, event) -> Tensor:
+        """Negative Cox partial log-likelihood of ``risk`` in this batch.
+
+        Also sets ``last_has_events`` (see :func:`cox_ph_loss_with_flag`).
+        """
         loss, self.last_has_events = cox_ph_loss_with_flag(risk, time, event, self.ties,
                                                            self.reduction)
         return loss
 
     @property
     def out_dim(self) -> int:
+        """One output per patient: the log-hazard."""
         return 1
 
     def risk(self, out: Tensor) -> Tensor:
+        """The log-hazard ``out[:, 0]`` is the risk."""
         return out[:, 0]
 
     def batch_loss(self, out: Tensor, batch: dict) -> tuple[Tensor, bool, int]:
@@ -329,6 +338,30 @@ class TimeBins:
         self.scheme = scheme
 
     def fit(self, time, event, n_bins: int | None = None) -> TimeBins:
+        """Fit the bin edges on training times and events with the configured ``scheme``.
+
+        Duplicate edges are removed with a warning, so ``n_bins_`` can be below ``n_bins``.
+
+        Parameters
+        ----------
+        time : array-like
+            Finite, non-negative survival or censoring times.
+        event : array-like
+            Event indicators (true or 1 = event).
+        n_bins : int, optional
+            Replaces ``self.n_bins`` when given (at least 2).
+
+        Returns
+        -------
+        TimeBins
+            ``self``, with ``edges_`` (strictly increasing, starting at 0) and ``n_bins_`` set.
+
+        Raises
+        ------
+        ValueError
+            On invalid inputs, an unknown ``scheme``, a quantile scheme without any event, or
+            edges that are not strictly increasing.
+        """
         if n_bins is not None:
             self.n_bins = n_bins
         if self.n_bins < 2:
@@ -389,6 +422,7 @@ class TimeBins:
         return idx, event.astype(np.float32)
 
     def fit_transform(self, time, event, n_bins: int | None = None):
+        """:meth:`fit` on ``time`` / ``event``, then :meth:`transform` them."""
         return self.fit(time, event, n_bins=n_bins).transform(time, event)
 
 
@@ -448,35 +482,53 @@ class LogisticHazardLoss(SurvivalLoss):
     """Discrete-time logistic-hazard NLL (``loss=nll``, :func:`nll_logistic_hazard`); the network
     outputs one hazard logit per time bin (``edges``: the fitted :class:`TimeBins` edges, trained
     on their ``bin`` / ``bin_event`` targets) and the risk is minus the restricted mean survival
-    time (:func:`risk_from_logits`)."""
+    time (:func:`risk_from_logits`).  ``n_bins`` / ``scheme``: how the training code fits those
+    :class:`TimeBins` on each split's fit patients (``needs_bins``), before building the loss
+    again with ``edges``."""
 
     name = "nll"
     names = ("nll",)
     needs_bins = True
     sync_log = True  # rank shares whose mean is the global mean
 
-    def __init__(self, reduction: str = "mean", edges=None):
+    def __init__(self, reduction: str = "mean", edges=None, n_bins: int = 8,
+                 scheme: str = "event_quantiles"):
         super().__init__()
         self.reduction = reduction
         self.edges = None if edges is None else np.asarray(edges, float)
+        self.n_bins, self.scheme = int(n_bins), str(scheme)
 
     @classmethod
     def from_options(cls, *, ties: str = "efron", edges=None) -> LogisticHazardLoss:
+        """The loss for :func:`make_loss`'s options: uses ``edges``, ignores ``ties``."""
         return cls(edges=edges)
 
     def forward(self, logits: Tensor, idx, event) -> Tensor:
+        """Discrete-time NLL of ``logits`` for bin targets ``idx`` / ``event``.
+
+        See :func:`nll_logistic_hazard`.
+        """
         return nll_logistic_hazard(logits, idx, event, self.reduction)
 
     def _edges(self) -> np.ndarray:
         if self.edges is None:
-            raise ValueError("LogisticHazardLoss: no time-bin edges (make_loss(..., edges=))")
+            raise ValueError("LogisticHazardLoss: no time-bin edges (LogisticHazardLoss(edges=...)"
+                             " or make_loss(..., edges=))")
         return self.edges
 
     @property
     def out_dim(self) -> int:
+        """One hazard logit per time-bin edge.
+
+        Raises
+        ------
+        ValueError
+            If the loss was built without ``edges``.
+        """
         return len(self._edges())
 
     def risk(self, out: Tensor) -> Tensor:
+        """Minus the restricted mean survival time of the logits (:func:`risk_from_logits`)."""
         return risk_from_logits(out, self.edges)
 
     def batch_loss(self, out: Tensor, batch: dict) -> tuple[Tensor, bool, int]:

@@ -7,8 +7,9 @@
    Slides whose file exists with the same encoder, weights, precision, transforms, storage
    dtype (``embed.dtype``), tiling hash and coords, and whose checksum verifies, are skipped;
    a damaged file is logged with its path, deleted and embedded again.  Failures are recorded
-   in ``<out>/failures.csv`` (``stage``, ``patient_id``, ``item_id``, ``path``,
-   ``error_type``, ``error``, ``slide_id``, ``reason``) and the other slides go on;
+   in ``<out>/failures.csv`` (the failures table of every stage,
+   :mod:`netsurv.stages.failures`; ``reason`` says which stage failed the slide) and the
+   other slides go on;
    ``<out>/index.csv`` lists every slide with its status and tile count;
    ``<out>/encoder.json`` holds the encoder's transform config.
 
@@ -30,23 +31,24 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from netsurv.stages import FAILURE_COLUMNS as _CORE
 from netsurv.stages import (
     ItemLocks,
     VerifiedFiles,
     clean_stale_temps,
+    failure_row,
+    failures_frame,
     gather,
     rank_zero,
     run_items,
     stage_env,
     write_csv,
+    write_failures,
     write_text,
 )
 from netsurv.stages import shard as _shard
 
 __all__ = ["shard_info", "shard", "embeddings_dir", "resolve_device", "embed_cohort", "run"]
 
-FAILURE_COLUMNS = [*_CORE, "slide_id", "reason"]
 INDEX_COLUMNS = ["slide_id", "patient_id", "coords_h5", "h5", "n_tiles", "status", "seconds"]
 
 
@@ -66,6 +68,11 @@ def shard(slides: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
 
 
 def embeddings_dir(derived, encoder, tiling_hash: str) -> Path:
+    """The embedding stage's output folder of one encoder and tiling.
+
+    ``<derived>/embeddings/<encoder name>-<weights tag>/<tiling hash>``: the weights tag
+    (:func:`netsurv.pathology.embed.weights_tag`) keeps embeddings of different weights apart.
+    """
     from netsurv.pathology.embed import weights_tag
 
     return (Path(str(derived)) / "embeddings" / f"{encoder.name}-{weights_tag(encoder)}"
@@ -235,16 +242,16 @@ def embed_cohort(cohort, cfg, *, encoder=None) -> dict:
             if status == "failed":
                 fail = ("embedding", et, err, f"{et}: {err}")
         if fail is not None:
-            fails.append({"stage": fail[0], "patient_id": r.get("patient_id"), "item_id": sid,
-                          "path": str(r.get("path")), "error_type": fail[1], "error": fail[2],
-                          "slide_id": sid, "reason": fail[3]})
+            fails.append(failure_row(fail[0], sid, patient_id=r.get("patient_id"),
+                                     path=str(r.get("path")), error_type=fail[1],
+                                     error=fail[2], reason=fail[3], slide_id=sid))
         rows.append(rec)
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
-    failures = pd.DataFrame(fails, columns=FAILURE_COLUMNS)
+    failures = failures_frame(fails)
 
     def write_tables():
         write_csv(out / "index.csv", index)
-        write_csv(out / "failures.csv", failures)
+        write_failures(out / "failures.csv", failures)
 
     rank_zero(write_tables, what="embedding", env=env)
     st = index["status"]
@@ -268,6 +275,18 @@ def default_prefetch(value, device) -> int:
 
 
 def run(cfg: DictConfig) -> dict:
+    """Tile (where needed) and embed the slides of the configured cohort (``scripts/embed.py``).
+
+    Returns
+    -------
+    dict
+        The summary of :func:`embed_cohort` without its ``index`` and ``failures`` tables.
+
+    Raises
+    ------
+    CohortError
+        If the cohort has no slides.
+    """
     from netsurv.cohort.schema import CohortError
     from netsurv.tasks.cohort import resolve_cohort
 

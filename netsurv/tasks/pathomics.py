@@ -17,13 +17,13 @@ Config keys read (the train config provides them):
 
 Output folder: ``pathomics.csv`` (patient_id + features: tile-weighted mean of the patient's
 slides), ``slides.csv`` (per slide: features, tiles measured, nuclei, seconds),
-``failures.csv`` (stage, patient_id, item_id, path, error_type, error, slide_id),
+``failures.csv`` (the failures table of every stage, :mod:`netsurv.stages.failures`),
 ``params.json`` and ``slides/<slide_id>-<key>.json``, one per slide, keyed by the slide file,
 its coords file and the parameter hash; a rerun recomputes only slides whose key changed.
 The slide files are verified JSON (a damaged one is logged, deleted and recomputed), each
 slide is measured under a lock (two jobs never measure one slide twice), and on several
 ranks each rank measures ``slides[rank::world_size]`` while every rank returns the whole
-table (the same cached loop as radiomics: :func:`netsurv.stages.json_map`).
+table (the same cached loop as radiomics: :func:`netsurv.stages.cached_map`).
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from netsurv.cohort.schema import Cohort, CohortError
+from netsurv.stages.failures import FAILURE_COLUMNS
 
 __all__ = ["output_dir", "extract", "extract_slides", "run", "FAILURE_COLUMNS"]
 
-FAILURE_COLUMNS = ["stage", "patient_id", "item_id", "path", "error_type", "error", "slide_id"]
 INFO_COLUMNS = ["n_tiles", "n_tiles_total", "n_nuclei", "tissue_mm2", "mpp", "seconds"]
 
 
@@ -57,6 +57,11 @@ def _params(cfg: DictConfig) -> tuple[dict, dict, int]:
 
 
 def output_dir(cfg: DictConfig) -> Path:
+    """The stage's output folder: ``<data.derived>/pathomics/<hash>``.
+
+    The hash covers the morphology parameters and the hash of the tiling parameters, so a
+    change of either gets its own folder.
+    """
     from netsurv.pathology.morphology import params_hash
     from netsurv.pathology.tiling import params_hash as tiling_hash
 
@@ -107,51 +112,38 @@ def extract_slides(index: pd.DataFrame, params: dict, phash: str, out: Path, *, 
     """Measure the slides of a tiling ``index`` (slide_id, patient_id, path, h5, status).
 
     Returns ``(slides, failures)``: per-slide features + :data:`INFO_COLUMNS`, and the failed
-    slides.  Cached slides (same key) are read back, the others computed and cached.  On
-    several ranks each rank measures its share and every rank returns the whole tables."""
-    from netsurv.stages import ItemLocks, clean_stale_temps, gather, json_map, shard, stage_env
+    slides (:data:`FAILURE_COLUMNS`).  Cached slides (same key) are read back, the others
+    computed and cached.  On several ranks each rank measures its share and every rank
+    returns the whole tables."""
+    from netsurv.stages import cached_map, failure_row, failures_frame
 
     cache_dir = out / "slides"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    env = stage_env()
     rows = [r._asdict() for r in index.itertuples(index=False)]
-    order = sorted(range(len(rows)), key=lambda i: str(rows[i]["slide_id"]))
 
-    def local():
-        clean_stale_temps(out, subdirs=("slides",))
-        items, pre = [], []
-        for i in shard(order, env):
-            r = rows[i]
-            sid = str(r["slide_id"])
-            try:
-                key = hashlib.sha256(f"{sid}|{_stat(r['path'])}|{_stat(r['h5'])}|{phash}"
-                                     .encode()).hexdigest()[:16]
-            except OSError as exc:
-                pre.append((i, "failed", None, type(exc).__name__, f"cannot read input: {exc}"))
-                continue
-            items.append({"i": i, "sid": sid, "h5": str(r["h5"]), "path": str(r["path"]),
-                          "cache": cache_dir / f"{sid}-{key}.json"})
-        outcomes = json_map(
-            items, key=lambda it: it["sid"], path=lambda it: it["cache"], compute=_job,
-            record=_record, required=("features", "info"),
-            payload=lambda it: (it["sid"], it["h5"], it["path"], params),
-            locks=ItemLocks(out), n_jobs=int(n_jobs), initializer=_worker_init,
-            progress=progress, desc="pathomics", unit="slide", what="pathomics slide")
-        return pre + [(it["i"], o.status, o.value, o.error_type, o.error)
-                      for it, o in zip(items, outcomes)]
+    def cache_path(r) -> Path:
+        sid = str(r["slide_id"])
+        key = hashlib.sha256(f"{sid}|{_stat(r['path'])}|{_stat(r['h5'])}|{phash}"
+                             .encode()).hexdigest()[:16]
+        return cache_dir / f"{sid}-{key}.json"
 
-    got = {r[0]: r[1:] for part in gather(local, what="pathomics", env=env) for r in part}
+    outcomes = cached_map(
+        rows, stage="pathomics", folder=out, item_id=lambda r: str(r["slide_id"]),
+        cache_path=cache_path, compute=_job, record=_record, required=("features", "info"),
+        payload=lambda r: (str(r["slide_id"]), str(r["h5"]), str(r["path"]), params),
+        n_jobs=int(n_jobs), initializer=_worker_init, temp_subdirs=("slides",),
+        progress=progress, unit="slide", what="pathomics slide")
     done, failures = [], []
-    for i, r in enumerate(rows):
-        status, value, et, err = got[i]
-        if status == "failed":
-            failures.append({"stage": "morphology", "patient_id": r["patient_id"],
-                             "item_id": str(r["slide_id"]), "path": str(r["path"]),
-                             "error_type": et, "error": err, "slide_id": str(r["slide_id"])})
+    for r, o in zip(rows, outcomes):
+        sid = str(r["slide_id"])
+        if o.status == "failed":
+            failures.append(failure_row("morphology", sid, patient_id=r["patient_id"],
+                                        path=str(r["path"]), error_type=o.error_type,
+                                        error=o.error, slide_id=sid))
         else:
-            done.append({"patient_id": r["patient_id"], "slide_id": str(r["slide_id"]),
-                         **value["info"], **value["features"]})
-    return pd.DataFrame(done), pd.DataFrame(failures, columns=FAILURE_COLUMNS)
+            done.append({"patient_id": r["patient_id"], "slide_id": sid,
+                         **o.value["info"], **o.value["features"]})
+    return pd.DataFrame(done), failures_frame(failures)
 
 
 def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
@@ -160,11 +152,18 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
 
     Returns ``(table, failures)``: ``table`` has ``patient_id`` and numeric feature columns
     (one row per patient with at least one measured slide); ``failures`` lists slides that
-    failed in tiling or morphology (``patient_id, slide_id, path, stage, error``).  Both are
-    also written to :func:`output_dir` (``pathomics.csv``, ``failures.csv``)."""
+    failed in tiling or morphology (:data:`FAILURE_COLUMNS`).  Both are also written to
+    :func:`output_dir` (``pathomics.csv``, ``failures.csv``)."""
     from netsurv.pathology.morphology import combine_slides, params_hash
     from netsurv.pathology.tiling import params_hash as tiling_hash
-    from netsurv.stages import rank_zero, stage_env, write_csv, write_text
+    from netsurv.stages import (
+        failures_frame,
+        rank_zero,
+        stage_env,
+        write_csv,
+        write_failures,
+        write_text,
+    )
     from netsurv.tasks.tile import output_dir as tiles_dir
     from netsurv.tasks.tile import tile_cohort, tile_options
 
@@ -183,13 +182,14 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
     tcfg = OmegaConf.to_container(cfg.tile, resolve=True) if cfg.get("tile") is not None else {}
     tres = tile_cohort(cohort.slides, tiling, tiles_dir(cfg.data.derived, tiling),
                        **{**tile_options(tcfg), "progress": progress})
-    tfail = tres["failures"].assign(
-        error=lambda d: d["error_type"] + ": " + d["error"])[FAILURE_COLUMNS]
+    tfail = failures_frame(tres["failures"]).assign(
+        error=lambda d: d["error_type"] + ": " + d["error"])
     index = tres["index"]
     index = index[index["status"].isin(["done", "skipped"])]
 
     slides, mfail = extract_slides(index, morph, phash, out, n_jobs=n_jobs, progress=progress)
-    failures = pd.concat([f for f in (tfail, mfail) if len(f)] or [tfail], ignore_index=True)
+    failures = failures_frame(pd.concat([f for f in (tfail, mfail) if len(f)] or [tfail],
+                                        ignore_index=True))
     info = {"patient_id", "slide_id", *INFO_COLUMNS}
     feature_cols = [c for c in slides.columns if c not in info]
     table = combine_slides(slides, feature_cols) if len(slides) else pd.DataFrame(
@@ -198,7 +198,7 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
     def write_tables():
         write_csv(out / "slides.csv", slides)
         write_csv(out / "pathomics.csv", table)
-        write_csv(out / "failures.csv", failures)
+        write_failures(out / "failures.csv", failures)
 
     env = stage_env()
     rank_zero(write_tables, what="pathomics", env=env)
@@ -208,6 +208,14 @@ def extract(cohort: Cohort, cfg: DictConfig, progress: bool = False
 
 
 def run(cfg: DictConfig) -> dict:
+    """Extract the pathomics table of the configured cohort (``scripts/extract_pathomics.py``).
+
+    Returns
+    -------
+    dict
+        ``n_patients``, ``n_features``, ``n_tiles`` (tiles measured), ``n_failed`` (failed
+        slides), ``seconds`` and ``table`` (path of ``pathomics.csv``).
+    """
     from netsurv.tasks.cohort import resolve_cohort
 
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from netsurv.cohort.schema import Cohort, CohortError
 
 
 def output_dir(cfg: DictConfig, params: dict) -> Path:
+    """The stage's output folder: ``<data.derived>/radiomics/<name>-<params hash>``."""
     from netsurv.radiology.radiomics import params_hash
 
     return Path(str(cfg.data.derived)) / "radiomics" / f"{params['name']}-{params_hash(params)}"
@@ -50,6 +51,14 @@ def summarise(failures: pd.DataFrame, notes: pd.DataFrame, out: Path, shown: int
 
 
 def run(cfg: DictConfig) -> dict:
+    """Extract the radiomics table of the configured cohort (``scripts/extract_radiomics.py``).
+
+    Returns
+    -------
+    dict
+        ``n_cases``, ``n_features`` (pyradiomics feature columns) and ``table`` (path of
+        ``radiomics.csv``).
+    """
     from netsurv.tasks.cohort import resolve_cohort
 
     cohort = resolve_cohort(cfg.data)

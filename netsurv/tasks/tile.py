@@ -4,7 +4,8 @@ Per slide: open (mpp chain) -> tissue mask -> grid -> ``<out>/<slide_id>.h5`` (a
 ``<out>/qc/<slide_id>.png``, with ``<out> = <data.derived>/tiles/<params_hash>``.  Slides whose
 coords file exists with the same params hash and the same per-slide mpp override are
 skipped.  Failures (unreadable file, missing or implausible mpp, no tissue, ...) are written
-to ``<out>/failures.csv`` and the other slides go on; every slide, failed ones included, gets
+to ``<out>/failures.csv`` (the failures table of every stage, :mod:`netsurv.stages.failures`)
+and the other slides go on; every slide, failed ones included, gets
 a QC image (the reason in its title) and a row of ``<out>/index.csv`` (status, tiles, mpp and
 its source, tissue and the share excluded as marks, tile overlap, QC path, error).
 
@@ -32,6 +33,8 @@ from netsurv.stages import (
     ItemLocks,
     VerifiedFiles,
     clean_stale_temps,
+    failure_row,
+    failures_frame,
     gather,
     rank_zero,
     run_items,
@@ -39,12 +42,12 @@ from netsurv.stages import (
     stage_env,
     verify_h5,
     write_csv,
+    write_failures,
     write_text,
 )
 
 __all__ = ["output_dir", "tile_cohort", "run", "coords_tiles"]
 
-FAILURE_COLUMNS = ["stage", "patient_id", "item_id", "path", "error_type", "error", "slide_id"]
 # index.csv: one row per slide, failed ones included (the per-slide columns are
 # netsurv.pathology.tiling.RECORD_COLUMNS: status, tiles, mpp and its source, tissue and
 # marks, overlap, QC image, error)
@@ -55,6 +58,7 @@ INDEX_COLUMNS = ["slide_id", "patient_id", "path", "h5", "n_tiles", "status", "n
 
 
 def output_dir(derived, params: dict) -> Path:
+    """The tiling stage's output folder: ``<derived>/tiles/<hash of the tiling parameters>``."""
     from netsurv.pathology.tiling import params_hash
 
     return Path(str(derived)) / "tiles" / params_hash(params)
@@ -218,15 +222,14 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
     rows = [by_pos[i] for i in range(len(records))]
     index = pd.DataFrame([{k: r.get(k) for k in INDEX_COLUMNS} for r in rows],
                          columns=INDEX_COLUMNS)
-    failures = pd.DataFrame(
-        [{"stage": "tiling", "patient_id": r["patient_id"], "item_id": r["slide_id"],
-          "path": r["path"], "error_type": r.get("error_type", ""), "error": r.get("error", ""),
-          "slide_id": r["slide_id"]} for r in rows if r["status"] == "failed"],
-        columns=FAILURE_COLUMNS)
+    failures = failures_frame(
+        failure_row("tiling", r["slide_id"], patient_id=r["patient_id"], path=r["path"],
+                    error_type=r.get("error_type", ""), error=r.get("error", ""),
+                    slide_id=r["slide_id"]) for r in rows if r["status"] == "failed")
 
     def write_tables():
         write_csv(out / "index.csv", index)
-        write_csv(out / "failures.csv", failures)
+        write_failures(out / "failures.csv", failures)
 
     rank_zero(write_tables, what="tiling", env=env)
     st = index["status"]
@@ -237,6 +240,18 @@ def tile_cohort(slides: pd.DataFrame, params: dict, out: Path, *, qc: bool = Tru
 
 
 def run(cfg: DictConfig) -> dict:
+    """Tile the slides of the configured cohort (``scripts/tile.py``).
+
+    Returns
+    -------
+    dict
+        The summary of :func:`tile_cohort` without its ``index`` and ``failures`` tables.
+
+    Raises
+    ------
+    CohortError
+        If the cohort has no slides.
+    """
     from netsurv.cohort.schema import CohortError
     from netsurv.tasks.cohort import resolve_cohort
 

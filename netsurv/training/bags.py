@@ -27,8 +27,8 @@ files), else the step of the tile grid.
 
 Each unusable slide (no file, unreadable, no ``features``, 0 tiles, coords and features of
 different lengths, a feature dimension that differs from the other slides', non-finite values)
-becomes one row of the failures table (``slide_id``, ``patient_id``, ``path``, ``reason``, the
-reason naming the file) and the other slides go on.
+becomes one row of the failures table (:mod:`netsurv.stages.failures`; ``stage`` ``bags``,
+``error_type`` ``BagError``, the ``reason`` naming the file) and the other slides go on.
 """
 from __future__ import annotations
 
@@ -47,13 +47,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from netsurv.stages.failures import (  # FAILURE_COLUMNS: the failures table of every stage
+    FAILURE_COLUMNS,
+    failure_row,
+    failures_frame,
+    write_failures,
+)
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Bag", "SlideFeatures", "BagStore", "BagError", "StoredBag", "wsi_bag_store",
-           "find_features", "inspect_slide", "read_slide_rows", "attention_record",
+           "find_features", "inspect_slide", "read_slide_rows",
            "FAILURE_COLUMNS"]
 
-FAILURE_COLUMNS = ["slide_id", "patient_id", "path", "reason"]
 INDEX_COLUMNS = ["slide_id", "patient_id", "path", "kind", "n_tiles", "dim", "dtype",
                  "coords_path", "patch_size_level0", "read_mpp"]
 CANDIDATES = ("{sid}.h5", "h5_files/{sid}.h5", "{sid}.pt", "pt_files/{sid}.pt")
@@ -84,6 +90,7 @@ class Bag:
 
     @property
     def n_tiles(self) -> int:
+        """Number of tiles in the bag."""
         return int(len(self.slide))
 
     def read(self, rows=None) -> torch.Tensor:
@@ -332,13 +339,16 @@ class StoredBag:
 
     @property
     def n_tiles(self) -> int:
+        """Number of tiles in the patient's bag (no file is read)."""
         return self.store.n_tiles(self.patient_id)
 
     def read(self, rows=None) -> torch.Tensor:
+        """The patient's tiles as float32 [k, D] (all, or the increasing positions ``rows``)."""
         return self.store.read(self.patient_id, rows)
 
     @property
     def features(self) -> np.ndarray:
+        """Every tile's features as a float32 array [N, D], read on each access (not kept)."""
         return self.read().numpy()
 
     def _m(self) -> Bag:
@@ -400,22 +410,30 @@ class BagStore(Mapping):
 
     # -- sizes -----------------------------------------------------------------------------
     def slides_of(self, patient_id) -> list[SlideFeatures]:
+        """The patient's slides, in bag order."""
         return list(self._slides[patient_id])
 
     def n_tiles(self, patient_id) -> int:
+        """Number of tiles in the patient's bag (0 for a patient without one)."""
         off = self._offsets.get(patient_id)
         return 0 if off is None else int(off[-1])
 
     @property
     def n_slides(self) -> int:
+        """Number of slides over all patients."""
         return sum(len(s) for s in self._slides.values())
 
     @property
     def total_tiles(self) -> int:
+        """Number of tiles over all patients."""
         return int(sum(int(o[-1]) for o in self._offsets.values()))
 
     @property
     def encoder(self) -> str | None:
+        """The encoder named in the slides' feature files.
+
+        ``None`` when no file names one; the sorted names joined by ``", "`` when they differ.
+        """
         names = {s.encoder for sl in self._slides.values() for s in sl if s.encoder}
         return next(iter(names)) if len(names) == 1 else (", ".join(sorted(names)) or None)
 
@@ -503,36 +521,39 @@ class BagStore(Mapping):
                 for r in slides[["patient_id", "slide_id"]].itertuples(index=False)
                 if wanted is None or str(r.patient_id) in wanted]
         found, fails = [], []
+
+        def fail(sid, pid, path, reason):
+            fails.append(failure_row("bags", sid, patient_id=pid, path=path,
+                                     error_type="BagError", error=reason, reason=reason,
+                                     slide_id=sid))
+
         for pid, sid in todo:
             try:
                 found.append((pid, inspect_slide(root, sid)))
             except BagError as exc:
-                fails.append({"slide_id": sid, "patient_id": pid,
-                              "path": _expected_path(root, sid), "reason": str(exc)})
+                fail(sid, pid, _expected_path(root, sid), str(exc))
         dims = Counter(sf.dim for _, sf in found)
         dim = dims.most_common(1)[0][0] if dims else 0
         ok = []
         for pid, sf in found:
             if sf.dim != dim:
-                fails.append({"slide_id": sf.slide_id, "patient_id": pid, "path": sf.path,
-                              "reason": f"{sf.path}: feature dimension {sf.dim} differs from "
-                                        f"{dim}, the dimension of {dims[dim]} of the "
-                                        f"{len(found)} slides (features from another encoder?)"})
+                fail(sf.slide_id, pid, sf.path,
+                     f"{sf.path}: feature dimension {sf.dim} differs from {dim}, the dimension "
+                     f"of {dims[dim]} of the {len(found)} slides (features from another "
+                     "encoder?)")
             else:
                 ok.append((pid, sf))
         if check_finite and ok:
             bad = _finite_check([sf for _, sf in ok], cache_dir)
             for pid, sf in ok:
                 if sf.path in bad:
-                    fails.append({"slide_id": sf.slide_id, "patient_id": pid, "path": sf.path,
-                                  "reason": bad[sf.path]})
+                    fail(sf.slide_id, pid, sf.path, bad[sf.path])
             ok = [(pid, sf) for pid, sf in ok if sf.path not in bad]
         by_patient: dict[str, list[SlideFeatures]] = {}
         for pid, sf in ok:
             by_patient.setdefault(pid, []).append(sf)
         order = {sid: i for i, (_, sid) in enumerate(todo)}
-        failures = pd.DataFrame(sorted(fails, key=lambda r: order.get(r["slide_id"], 0)),
-                                columns=FAILURE_COLUMNS)
+        failures = failures_frame(sorted(fails, key=lambda r: order.get(r["slide_id"], 0)))
         return cls(by_patient, dim, root), failures
 
 
@@ -622,8 +643,9 @@ def wsi_bag_store(cohort, cfg, patients=None) -> tuple[BagStore, dict]:
     the slides that have no cached output yet, and the store reads its output folder.
 
     Slides that cannot be used are listed in ``<data.derived>/bags/<key>/failures.csv``
-    (``slide_id``, ``patient_id``, ``path``, ``reason``; the embedding stage's failures
-    included) and left out with a warning; a patient without any usable slide has no WSI
+    (the failures table of every stage, :mod:`netsurv.stages.failures`: ``stage`` ``bags``
+    for unusable feature files, the embedding stage's failures included with their own
+    ``stage``) and left out with a warning; a patient without any usable slide has no WSI
     modality.  No usable slide at all is an error.
 
     Returns ``(store, info)``; ``info``: ``source`` ("embeddings.dir" | "embedding stage"),
@@ -644,7 +666,7 @@ def wsi_bag_store(cohort, cfg, patients=None) -> tuple[BagStore, dict]:
     emb = _cfg_get(cfg, "embeddings", {}) or {}
     ext = _cfg_get(emb, "dir")
     check = bool(_cfg_get(emb, "check_finite", True))
-    stage_fail = pd.DataFrame(columns=FAILURE_COLUMNS)
+    stage_fail = failures_frame()
     if ext:
         root = Path(str(ext)).expanduser().resolve()
         if not root.is_dir():
@@ -666,23 +688,18 @@ def wsi_bag_store(cohort, cfg, patients=None) -> tuple[BagStore, dict]:
         log.info("embeddings: %s (%d new, %d reused, %.1f s)", res["out"], res.get("n_done", 0),
                  res.get("n_skipped", 0), res.get("seconds", 0.0))
         sf = res.get("failures")
-        if sf is not None and len(sf):
-            pid = slides.set_index(slides["slide_id"].astype(str))["patient_id"]
-            sids = sf["slide_id"].astype(str)
-            stage_fail = pd.DataFrame({
-                "slide_id": sids.values,
-                "patient_id": (sf["patient_id"] if "patient_id" in sf else sids.map(pid)).values,
-                "path": (sf["path"].values if "path" in sf
-                         else [str(root / f"{s}.h5") for s in sids]),
-                "reason": sf["reason"].astype(str).values})
-        todo = slides[~slides["slide_id"].astype(str).isin(set(stage_fail["slide_id"]))]
+        if sf is not None and len(sf):  # the embedding stage's rows, as it wrote them
+            stage_fail = failures_frame(sf)
+        todo = slides[~slides["slide_id"].astype(str)
+                      .isin(set(stage_fail["slide_id"].astype(str)))]
     key = hashlib.sha1(str(root).encode()).hexdigest()[:12]
     derived = _cfg_get(_cfg_get(cfg, "data", {}), "derived")
     cache = (Path(str(derived)) if derived else root) / "bags" / key
     store, fails = BagStore.build(todo, root, patients, check_finite=check, cache_dir=cache)
-    failures = pd.concat([stage_fail, fails], ignore_index=True) if len(stage_fail) else fails
+    failures = failures_frame(pd.concat([stage_fail, fails], ignore_index=True)
+                              if len(stage_fail) else fails)
     if distributed.is_rank_zero():
-        _atomic_csv(failures, cache / "failures.csv")
+        write_failures(cache / "failures.csv", failures)
         _atomic_csv(store.index(), cache / "index.csv")
     if len(store) == 0:
         first = "; ".join(failures["reason"].head(3))
@@ -704,29 +721,6 @@ def wsi_bag_store(cohort, cfg, patients=None) -> tuple[BagStore, dict]:
                 failures_csv=str(cache / "failures.csv"), index_csv=str(cache / "index.csv"),
                 seconds=time.perf_counter() - t0)
     return store, info
-
-
-# --------------------------------------------------------------------------- heatmaps
-def attention_record(bag, split: str, patient_id: str, attention, risk: float = float("nan"),
-                     role: str = ""):
-    """The :class:`~netsurv.report.heatmap.PatientAttention` of one patient for
-    ``attention.h5``: the tiles of slides with coordinates (``bag``: a :class:`Bag` or
-    :class:`StoredBag`; ``attention``: one weight per tile of the whole bag).  None when no
-    tile has coordinates (features without coords: no heatmap)."""
-    from netsurv.report.heatmap import PatientAttention
-
-    attention = np.asarray(attention, np.float32)
-    if len(attention) != bag.n_tiles:
-        raise ValueError(f"patient {patient_id}: {len(attention)} attention weights for a bag "
-                         f"of {bag.n_tiles} tiles")
-    has = bag.has_coords
-    keep = (np.ones(bag.n_tiles, bool) if has is None or all(has)
-            else np.asarray(has, bool)[bag.slide])
-    if not keep.any():
-        return None
-    return PatientAttention(split, patient_id, bag.coords[keep], bag.slide[keep],
-                            attention[keep], list(bag.slide_ids), list(bag.patch_size_level0),
-                            float(bag.read_mpp), float(risk), str(role))
 
 
 def embedding_means(bags, patients=None, block: int = SCAN_ROWS) -> pd.DataFrame:

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, get_worker_info
 
+from netsurv.modalities import WSI, WSI_MASK
 from netsurv.training.bags import Bag, BagStore
 
 __all__ = ["Bag", "BagStore", "load_bags", "TabularSteps", "PatientDataset", "collate_patients",
@@ -95,6 +96,25 @@ class TabularSteps:
         self.make_steps = make_steps  # callable(modality) -> object with fit/transform
 
     def fit(self, frames: dict[str, pd.DataFrame], patients, fit_idx, time, event):
+        """Fit one step per modality on the fit patients that have that modality.
+
+        Parameters
+        ----------
+        frames : dict of str to pandas.DataFrame
+            Feature table per tabular modality, indexed by patient ID.
+        patients : list of str
+            Patient IDs, by position.
+        fit_idx : array-like of int
+            Positions in ``patients`` of the fit patients.
+        time, event : numpy.ndarray
+            Survival times and event indicators of all ``patients``, by position.
+
+        Returns
+        -------
+        TabularSteps
+            ``self``, with ``steps_``, ``columns_`` and ``dims_`` (output columns / size per
+            modality) set.
+        """
         self.steps_, self.dims_, self.columns_ = {}, {}, {}
         fit_ids = [patients[i] for i in fit_idx]
         for m, frame in frames.items():
@@ -108,6 +128,16 @@ class TabularSteps:
         return self
 
     def transform(self, frames, patients) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Transform every modality for ``patients`` with the fitted steps.
+
+        Returns
+        -------
+        X : dict of str to numpy.ndarray
+            float32 [len(patients), dims_[m]] per modality; zeros for patients without the
+            modality, non-finite values replaced (:func:`numpy.nan_to_num`).
+        present : dict of str to numpy.ndarray
+            bool [len(patients)] per modality: whether the patient has it.
+        """
         X, present = {}, {}
         for m, frame in frames.items():
             have = np.array([p in frame.index for p in patients])
@@ -195,8 +225,8 @@ class PatientDataset(Dataset):
                     x = bag.read(rows)
                 else:
                     x = bag.read()
-            item["wsi"] = x
-            item["present"]["wsi"] = len(x) > 0
+            item[WSI] = x
+            item["present"][WSI] = len(x) > 0
         return item
 
 
@@ -211,19 +241,19 @@ def collate_patients(items: list[dict]) -> dict:
         out["bin"] = torch.tensor([it["bin"] for it in items])
         out["bin_event"] = torch.tensor([it["bin_event"] for it in items])
     for k in items[0]:
-        if k in out or k in ("wsi", "bin_event") or not torch.is_tensor(items[0][k]):
+        if k in out or k in (WSI, "bin_event") or not torch.is_tensor(items[0][k]):
             continue
         out[k] = torch.stack([it[k] for it in items])
-    if "wsi" in items[0]:
-        n = max(1, max(len(it["wsi"]) for it in items))
-        d = items[0]["wsi"].shape[1]
+    if WSI in items[0]:
+        n = max(1, max(len(it[WSI]) for it in items))
+        d = items[0][WSI].shape[1]
         x = torch.zeros(len(items), n, d)
         mask = torch.zeros(len(items), n, dtype=torch.bool)
         for b, it in enumerate(items):
-            k = len(it["wsi"])
-            x[b, :k] = it["wsi"]
+            k = len(it[WSI])
+            x[b, :k] = it[WSI]
             mask[b, :k] = True
-        out["wsi"], out["wsi_mask"] = x, mask
+        out[WSI], out[WSI_MASK] = x, mask
     return out
 
 
@@ -318,6 +348,7 @@ class SurvivalDataModule(L.LightningDataModule):
         return rank_world()
 
     def train_dataloader(self):
+        """Lightning hook: the fit patients, in this rank's share of each global batch."""
         from netsurv.training.ddp import GlobalBatchSampler
 
         rank, world = self._rank_world()
@@ -342,10 +373,13 @@ class SurvivalDataModule(L.LightningDataModule):
                           num_workers=self.num_workers)
 
     def val_dataloader(self):
+        """Lightning hook: this rank's share of the inner-validation patients."""
         return self.eval_dataloader("val")
 
     def test_dataloader(self):
+        """Lightning hook: this rank's share of the test patients."""
         return self.eval_dataloader("test")
 
     def predict_dataloader(self):
+        """Lightning hook: this rank's share of all patients."""
         return self.eval_dataloader("all")

@@ -60,12 +60,18 @@ class GlobalBatchSampler(Sampler):
 
     @property
     def sampler(self):  # where Lightning looks for set_epoch
+        """The sampler itself: Lightning calls ``set_epoch`` on a batch sampler's ``sampler``."""
         return self
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation the next iteration draws."""
         self.epoch = int(epoch)
 
     def global_batches(self) -> list[np.ndarray]:
+        """The epoch's global batches (patient positions), before they are split over the ranks.
+
+        Batches with fewer patients than ranks are left out.
+        """
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).numpy()

@@ -34,6 +34,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from netsurv.modalities import WSI_MASK
 from netsurv.survival.losses import SurvivalLoss, make_loss
 from netsurv.survival.metrics import MetricError, harrell_cindex
 from netsurv.training.ddp import gather_cat
@@ -42,6 +43,13 @@ __all__ = ["SurvivalModule"]
 
 
 class SurvivalModule(L.LightningModule):
+    """Lightning module that trains a survival network with a :class:`SurvivalLoss`.
+
+    Logs ``train/loss``, ``val/cindex``, ``test/cindex`` and the model-selection metric
+    ``val/cindex_smooth`` (see the module docstring); optionally keeps the snapshot ensemble of
+    the selected epochs (``snapshots``), the validation risks of every epoch (``record_val``) or
+    the nets of the last ``keep_last`` epochs.
+    """
     def __init__(self, net: torch.nn.Module, loss: str | SurvivalLoss = "cox",
                  ties: str | None = None, edges=None, lr: float = 2e-4,
                  weight_decay: float = 1e-2, select_after: int = 0, smooth: int = 1,
@@ -90,9 +98,11 @@ class SurvivalModule(L.LightningModule):
 
     # -- outputs ------------------------------------------------------------------------------
     def risk(self, out: torch.Tensor) -> torch.Tensor:
+        """Risk per patient (higher = earlier event) from the network output ``out``."""
         return self.criterion.risk(out)
 
     def forward(self, batch):
+        """Run the network on ``batch``; returns its output dict (``"out"``: [B, out_dim])."""
         return self.net(batch)
 
     def _loss(self, out, batch):
@@ -102,6 +112,7 @@ class SurvivalModule(L.LightningModule):
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        """Lightning hook: loss of the global batch, logged as ``train/loss``."""
         out = self.net(batch)["out"]
         loss, has_event, n = self._loss(out, batch)
         if not has_event:
@@ -118,9 +129,11 @@ class SurvivalModule(L.LightningModule):
                                  batch["event"].float(), batch["pos"]))
 
     def validation_step(self, batch, batch_idx):
+        """Lightning hook: buffer the batch's risks, times, events and positions."""
         self._eval_step("val", batch)
 
     def test_step(self, batch, batch_idx):
+        """Lightning hook: buffer the batch's risks, times, events and positions."""
         self._eval_step("test", batch)
 
     def _epoch_end(self, stage):
@@ -157,25 +170,30 @@ class SurvivalModule(L.LightningModule):
                     self.best_snapshots = list(self._window)
 
     def on_validation_epoch_end(self):
+        """Lightning hook: log ``val/cindex`` and ``val/cindex_smooth`` of the whole set."""
         self._epoch_end("val")
 
     def on_train_epoch_end(self):
+        """Lightning hook: with ``keep_last``, add this epoch's net to the kept snapshots."""
         if self.keep_last:
             self._window.append({k: v.detach().to("cpu", copy=True)
                                  for k, v in self.net.state_dict().items()})
             self.best_snapshots = list(self._window)
 
     def on_test_epoch_end(self):
+        """Lightning hook: log ``test/cindex`` of the whole test set."""
         self._epoch_end("test")
 
     # -- selection state in checkpoints (resume from last.ckpt continues the same choice) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning hook: save the model-selection state in the checkpoint."""
         checkpoint["netsurv_selection"] = {
             "val_history": list(self.val_history), "window": list(self._window),
             "best_snapshots": self.best_snapshots, "best_sel": float(self._best_sel),
             "eventless_batches": int(self.eventless_batches)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning hook: restore the model-selection state saved by :meth:`on_save_checkpoint`."""
         st = checkpoint.get("netsurv_selection")
         if st is None:
             return
@@ -186,6 +204,7 @@ class SurvivalModule(L.LightningModule):
         self.eventless_batches = int(st["eventless_batches"])
 
     def configure_optimizers(self):
+        """Lightning hook: AdamW with the module's ``lr`` and ``weight_decay``."""
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def predict_snapshots(self, loader, states: list[dict]) -> dict[str, list]:
@@ -226,7 +245,7 @@ class SurvivalModule(L.LightningModule):
             res["risk"].append(self.risk(o["out"]).float().cpu().numpy())
             res["out"].append(o["out"].float().cpu().numpy())
             if o["attention"] is not None:
-                mask = batch["wsi_mask"]
+                mask = batch[WSI_MASK]
                 for b in range(len(batch["pos"])):
                     res["attention"].append(o["attention"][b][mask[b]].float().cpu().numpy())
         if not res["pos"]:  # no patient on this process

@@ -35,13 +35,14 @@ test decides per split whether the slides add anything at all.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from netsurv.modalities import CLINICAL, EMBEDDINGS, WSI, tabular
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,27 @@ def offset_modalities(cfg) -> list[str]:
     if kind not in CHOICES:
         raise ValueError(f"offset.modalities={kind!r}: choose one of {', '.join(CHOICES)}")
     if kind == "auto":
-        kind = "tabular" if any(m != "wsi" for m in cfg.modalities) else "embeddings"
+        kind = "tabular" if tabular(cfg.modalities) else EMBEDDINGS
+    parts = kind.split("+")  # e.g. "tabular+embeddings"
     mods = []
-    if "tabular" in kind:
-        mods += [m for m in cfg.modalities if m != "wsi"]
-    if "embeddings" in kind and "wsi" in cfg.modalities:
-        mods.append("embeddings")
+    if "tabular" in parts:
+        mods += tabular(cfg.modalities)
+    if EMBEDDINGS in parts and WSI in cfg.modalities:
+        mods.append(EMBEDDINGS)
     return mods
 
 
 @dataclass
 class ClassicalOffset:
+    """The classical offset of one split's network, as built by :func:`fit_offset`.
+
+    ``values`` is what the network gets per patient, centred by ``center`` (the training
+    patients' mean cross-fitted risk): the cross-fitted risk for training patients, the risk of
+    ``pipe`` (fitted on the whole training split) for the others.  Patients the model cannot
+    score get the clinical-only ``fallback``'s value when there is one, else 0; a used
+    ``probe`` is already mixed into ``values``.  ``info`` describes the fit (model, folds,
+    missing patients, cross-fitted training C-index, fallback, probe).
+    """
     name: str
     modalities: list[str]
     pipe: object               # ClassicalPipeline fitted on the whole training split
@@ -79,14 +90,13 @@ class ClassicalOffset:
     def state(self) -> dict:
         """What a saved model keeps to recompute the offset of new patients."""
         def part(modalities, pipe, center, **extra):
-            pipe = copy.copy(pipe)
-            pipe.meta = None  # the cohort's acquisition table: patient data, not a fit
+            # the pipeline holds no patient data (the acquisition table is passed to predict)
             return {"modalities": list(modalities), "pipe": pipe, "center": center, **extra}
 
         fb, pr = self.fallback, self.probe
         return {"name": self.name, **part(self.modalities, self.pipe, self.center),
-                "fallback": None if fb is None else part(["clinical"], fb["pipe"], fb["center"]),
-                "probe": None if pr is None else part(["embeddings"], pr["pipe"], pr["center"],
+                "fallback": None if fb is None else part([CLINICAL], fb["pipe"], fb["center"]),
+                "probe": None if pr is None else part([EMBEDDINGS], pr["pipe"], pr["center"],
                                                       weights=list(pr["weights"]))}
 
 
@@ -95,12 +105,12 @@ def offset_frames(data, mods) -> dict[str, pd.DataFrame]:
     bag store, computed once per run)."""
     frames = {}
     for m in mods:
-        if m == "embeddings":
-            if "embeddings" not in data.aux:
+        if m == EMBEDDINGS:
+            if EMBEDDINGS not in data.aux:
                 from netsurv.training.bags import embedding_means
 
-                data.aux["embeddings"] = embedding_means(data.bags, data.patients)
-            frames[m] = data.aux["embeddings"]
+                data.aux[EMBEDDINGS] = embedding_means(data.bags, data.patients)
+            frames[m] = data.aux[EMBEDDINGS]
         else:
             frames[m] = data.frames[m]
     return frames
@@ -122,7 +132,7 @@ def _fit_part(data, split, mods, frames) -> dict:
     ids = [data.patients[i] for i in tr_have]
     ev = data.event[tr_have].astype(int)
     oof = _cross_fit(pipe, {m: frames[m].loc[ids] for m in mods}, data.time[tr_have], ev,
-                     folds, int(data.cfg.seed))
+                     folds, int(data.cfg.seed), meta=data.meta)
     values = full.copy()
     values[tr_have] = oof
     center = float(np.mean(oof))
@@ -149,9 +159,9 @@ def fit_offset(data, split) -> ClassicalOffset | None:
         main = _fit_part(data, split, mods, frames)
     except Exception as exc:  # noqa: BLE001 - the network alone is still a model
         main = None
-        if len(mods) > 1 and "clinical" in mods:  # e.g. too few complete cases with CT
+        if len(mods) > 1 and CLINICAL in mods:  # e.g. too few complete cases with CT
             try:
-                main = _fit_part(data, split, ["clinical"], frames)
+                main = _fit_part(data, split, [CLINICAL], frames)
             except Exception:  # noqa: BLE001
                 main = None
         warnings.warn(f"split {split.name}: classical offset on {'+'.join(mods)} not fitted "
@@ -160,13 +170,13 @@ def fit_offset(data, split) -> ClassicalOffset | None:
                       UserWarning)
         if main is None:
             return None
-        mods = ["clinical"]
+        mods = [CLINICAL]
     values = main["values"].copy()
     info = dict(main["info"], missing=int((~np.isfinite(values)).sum()))
     fallback = None
-    if len(mods) > 1 and "clinical" in mods and not np.isfinite(values).all():
+    if len(mods) > 1 and CLINICAL in mods and not np.isfinite(values).all():
         try:
-            fallback = _fit_part(data, split, ["clinical"], frames)
+            fallback = _fit_part(data, split, [CLINICAL], frames)
         except Exception as exc:  # noqa: BLE001 - those patients keep offset 0
             warnings.warn(f"split {split.name}: clinical-only offset for patients lacking "
                           f"{'+'.join(mods)} not fitted ({type(exc).__name__}: {exc})",
@@ -195,15 +205,15 @@ def wants_probe(cfg) -> bool:
     """``offset.modalities=auto`` on a run with feature tables and slides, ``probe_p`` set."""
     o = cfg.get("offset") or {}
     return (str(o.get("modalities", "none")) == "auto" and o.get("probe_p") is not None
-            and "wsi" in cfg.modalities and any(m != "wsi" for m in cfg.modalities))
+            and WSI in cfg.modalities and bool(tabular(cfg.modalities)))
 
 
 def _stacked_probe(data, split, values) -> dict | None:
     """The linear probe of one split, fitted and cross-fitted as the tabular model, and the
     stacking test on the training patients (module docstring); None when it cannot be fitted."""
-    frames = offset_frames(data, ["embeddings"])
+    frames = offset_frames(data, [EMBEDDINGS])
     try:
-        part = _fit_part(data, split, ["embeddings"], frames)
+        part = _fit_part(data, split, [EMBEDDINGS], frames)
     except Exception as exc:  # noqa: BLE001 - the tabular offset alone is still the model
         warnings.warn(f"split {split.name}: linear probe for the offset not fitted "
                       f"({type(exc).__name__}: {exc}); the offset is the tabular model alone",
@@ -246,21 +256,25 @@ def stack_test(main, probe, time, event) -> dict | None:
             "p": float(chi2.sf(lr, 1)), "lr": float(lr)}
 
 
-def _cross_fit(pipe, frames, time, event, folds: int, seed: int) -> np.ndarray:
+def _cross_fit(pipe, frames, time, event, folds: int, seed: int, meta=None) -> np.ndarray:
     """Out-of-fold risks of the fitted ``pipe``'s configuration (its k and estimator
-    parameters, refitted per fold; no new inner search)."""
+    parameters, refitted per fold; no new inner search). ``meta``: the acquisition table by
+    patient (ComBat batches)."""
+    from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold
+    from sksurv.util import Surv
 
     n = len(time)
     folds = max(2, min(folds, int(event.sum()), int((1 - event).sum()) or folds))
     out = np.full(n, np.nan)
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    y = Surv.from_arrays(np.asarray(event).astype(bool), np.asarray(time, float))
     for fit_idx, pred_idx in skf.split(np.zeros(n), event):
-        p = copy.deepcopy(pipe)
+        p = clone(pipe)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*too few events per feature.*")
-            p.fit({m: f.iloc[fit_idx] for m, f in frames.items()}, time[fit_idx], event[fit_idx])
-        out[pred_idx] = p.predict_risk({m: f.iloc[pred_idx] for m, f in frames.items()})
+            p.fit({m: f.iloc[fit_idx] for m, f in frames.items()}, y[fit_idx], meta=meta)
+        out[pred_idx] = p.predict({m: f.iloc[pred_idx] for m, f in frames.items()}, meta=meta)
     return out
 
 
@@ -283,9 +297,7 @@ def predict_offset(state: dict, frames: dict[str, pd.DataFrame], patients, meta=
         have = [p for p in patients
                 if p not in done and all(p in frames[m].index for m in mods)]
         if have:
-            pipe = copy.copy(part["pipe"])
-            pipe.meta = meta
-            risk = pipe.predict_risk({m: frames[m].loc[have] for m in mods})
+            risk = part["pipe"].predict({m: frames[m].loc[have] for m in mods}, meta=meta)
             out.loc[have] = np.asarray(risk, float) - float(part["center"])
             done.update(have)
     return out.to_numpy(float)

@@ -75,7 +75,12 @@ def test_precision_auto_follows_the_accelerator(monkeypatch):
     assert auto_precision("gpu") == "16-mixed"  # e.g. V100: fp16 autocast
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert auto_precision("auto") == "16-mixed"
-    assert OmegaConf.to_container(_trainer("trainer=gpu"))["precision"] == "auto"
+    # configs/trainer: a resolver, so that cfg.trainer holds Lightning values only
+    gpu = _trainer("trainer=gpu")
+    assert OmegaConf.to_container(gpu)["precision"] == "${netsurv.precision:${.accelerator}}"
+    assert gpu.precision == "16-mixed" and trainer_kwargs(gpu)["precision"] == "16-mixed"
+    # the older spelling (run configs written before the trainer configs had a _target_)
+    assert trainer_kwargs(_trainer("trainer=gpu", "trainer.precision=auto"))["precision"] == "16-mixed"
 
 
 def test_auto_devices_and_nodes_follow_torchrun(plain_env):

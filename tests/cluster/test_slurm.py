@@ -21,7 +21,7 @@ FAST = ["evaluation.seeds=[0]", "inner_cv=2", "inner_repeats=1", "selection.k=[3
         "data.clinical.categorical=[sex,histology]", "report=false"]
 DEEP_FAST = ["encoder=test_tiny", "tiling.target_mpp=1.0", "optim.max_epochs=2",
              "optim.min_epochs=1", "optim.patience=0", "optim.select_after=0", "optim.smooth=1",
-             "optim.max_instances=16", "tabular.k=3", "embed.progress=false",
+             "optim.max_instances=16", "embed.progress=false",
              "tile.progress=false", "tile.qc=false", "morphology.max_tiles=4"]
 # a CPU job of the test cluster: 1 CPU, little memory, so two jobs run side by side
 SMALL_JOB = [f"hydra.launcher.partition={PARTITION}", "hydra.launcher.cpus_per_task=1",
@@ -69,7 +69,7 @@ def test_cluster_runs_tasks_and_batch_jobs(slurm, tmp_path):
 @pytest.fixture(scope="module")
 def clinical(tmp_path_factory):
     """A clinical-only cohort (clinical.csv): what the classical sweeps need, instantly."""
-    from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+    from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 
     root = tmp_path_factory.mktemp("clinical")
     simulate_patients(60, seed=7)[CLINICAL_COLUMNS].to_csv(root / "clinical.csv", index=False)
@@ -137,7 +137,7 @@ def test_failed_job_exits_nonzero_and_sweep_lists_it(slurm, clinical, tmp_path):
 def preempted(slurm, tmp_path_factory):
     """A one-job sweep of 4 splits whose SLURM job gets the preemption signal (USR2, what
     ``--signal`` sends before the time limit) once the first split's model is saved."""
-    from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+    from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 
     tmp = tmp_path_factory.mktemp("requeue")
     root = tmp / "cohort"

@@ -88,7 +88,7 @@ def _train(args, cwd, timeout=600):
 
 @pytest.fixture(scope="module")
 def clinical(tmp_path_factory):
-    from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+    from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 
     root = tmp_path_factory.mktemp("clin")
     simulate_patients(60, seed=5)[CLINICAL_COLUMNS].to_csv(root / "clinical.csv", index=False)

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
-from netsurv.cohort.demo_wsi import write_demo_slide
+from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
+from netsurv.demo.wsi import write_demo_slide
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from lifelines.utils import concordance_index
 
 from netsurv.cohort import load_cohort
-from netsurv.cohort.demo import CLINICAL_COLUMNS, make_demo_cohort, plan_cohort, simulate_patients
+from netsurv.demo.cohort import CLINICAL_COLUMNS, make_demo_cohort, plan_cohort, simulate_patients
 
 SMALL = dict(n_patients=8, seed=5, missing_ct=0.25, missing_wsi=0.25, two_slides=0.4,
              artefact_rate=0.25, fine_mpp_rate=0.3)

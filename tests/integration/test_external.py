@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
 from netsurv.cohort.schema import CohortError
+from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 from netsurv.evaluation.predict import predict
 from netsurv.tasks.train import run
 
@@ -167,7 +167,7 @@ def test_deep_tabular_external_and_predict(cohorts, tmp_path):
             "experiment=clinical_radiomics", f"data.root={tmp / 'train'}",
             f"evaluation.test_root={tmp / 'test'}", f"+output_dir={out}", "optim.max_epochs=3",
             "optim.min_epochs=1", "optim.select_after=0", "optim.smooth=2", "optim.patience=0",
-            "tabular.k=3", "trainer.enable_progress_bar=false"])
+            "trainer.enable_progress_bar=false"])
     m = run(cfg)
     assert m["protocol"] == "external" and m["external"]["n_test"] == 40
     assert m["external"]["harmonize"]["modalities"]["radiomics"]["test_batches"]["Z"]["n"] == 12

@@ -22,7 +22,7 @@ TINY = ["data.demo.n_patients=24", "data.demo.seed=11", "data.demo.missing_ct=0.
         "data.demo.fine_mpp_rate=0.2"]
 FAST = ["encoder=test_tiny", "target=pfs", "optim.max_epochs=2", "optim.min_epochs=1",
         "optim.patience=0", "embed.progress=false", "tile.progress=false", "tile.qc=false",
-        "tabular.k=3", "optim.max_instances=16", "report=false", "tiling.target_mpp=1.0",
+        "selection.k=[3]", "optim.max_instances=16", "report=false", "tiling.target_mpp=1.0",
         "trainer.enable_progress_bar=false"]
 
 

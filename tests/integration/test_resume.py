@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 from netsurv.tasks.train import run
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
@@ -90,7 +90,7 @@ def test_interrupted_deep_split_resumes_from_last_checkpoint(cohort, tmp_path, m
     base = ["experiment=clinical", "data=cohort", f"data.root={cohort}", "evaluation.seeds=[0]",
             "data.clinical.categorical=[sex,smoking,histology,stage]", "optim.max_epochs=5",
             "optim.min_epochs=1", "optim.patience=0", "optim.select_after=1", "optim.smooth=2",
-            "optim.batch_size=16", "tabular.k=3", "tabular.dropout=0", "fusion.module.dropout=0",
+            "optim.batch_size=16", "selection.k=[3]", "tabular.dropout=0", "fusion.module.dropout=0",
             "optim.inner_folds=0"]
 
     class StopAfterEpoch(L.Callback):
@@ -145,7 +145,7 @@ def test_interrupted_inner_folds_resume_from_finished_folds(cohort, tmp_path, mo
     base = ["experiment=clinical", "data=cohort", f"data.root={cohort}", "evaluation.seeds=[0]",
             "data.clinical.categorical=[sex,smoking,histology,stage]", "optim.max_epochs=4",
             "optim.min_epochs=1", "optim.select_after=1", "optim.smooth=2",
-            "optim.batch_size=16", "tabular.k=3", "tabular.dropout=0", "fusion.module.dropout=0",
+            "optim.batch_size=16", "selection.k=[3]", "tabular.dropout=0", "fusion.module.dropout=0",
             "optim.inner_folds=3", "offset.modalities=none", "baseline=none"]
     real = deep._run_fit
     calls = []

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 from netsurv.tasks.train import run
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")

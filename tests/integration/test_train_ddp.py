@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, make_demo_cohort, simulate_patients
+from netsurv.demo.cohort import CLINICAL_COLUMNS, make_demo_cohort, simulate_patients
 from netsurv.tasks.train import run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,10 +153,10 @@ TINY = dict(n_patients=24, seed=11, missing_ct=0.15, missing_wsi=0.15, two_slide
 # that one and two processes train on the same global batches with the same computation
 DEEP = ["experiment=clinical_pathomics", "data=cohort", "encoder=test_tiny", "target=pfs",
         "evaluation.seeds=[0]", "optim.max_epochs=2", "optim.min_epochs=1", "optim.patience=0",
-        "embed.progress=false", "tile.progress=false", "tile.qc=false", "tabular.k=3",
+        "embed.progress=false", "tile.progress=false", "tile.qc=false", "selection.k=[3]",
         "data.clinical.categorical=[sex,smoking,histology,stage]", "optim.max_instances=null",
         "morphology.max_tiles=4", "tiling.target_mpp=1.0", "tabular.dropout=0",
-        "fusion.module.dropout=0", "model.mil.dropout=0", "optim.batch_size=8",
+        "fusion.module.dropout=0", "net.mil.dropout=0", "optim.batch_size=8",
         # fp32 embeddings on every CPU: with bf16 ones (CPUs with native bf16) the rounding noise
         # the tolerances below allow for is larger, so the comparison would depend on the CPU
         "encoder.precision=fp32"]

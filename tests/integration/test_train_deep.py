@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from netsurv.cohort.demo import make_demo_cohort
+from netsurv.demo.cohort import make_demo_cohort
 from netsurv.tasks.train import run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ TINY = dict(n_patients=24, seed=11, missing_ct=0.15, missing_wsi=0.15, two_slide
             artefact_rate=0.0, fine_mpp_rate=0.2)
 FAST = ["encoder=test_tiny", "target=pfs", "evaluation.seeds=[0]", "optim.max_epochs=2", "optim.min_epochs=1",
         "optim.patience=0", "embed.progress=false", "tile.progress=false", "tile.qc=false",
-        "inner_cv=2", "selection.k=[3]", "tabular.k=3",
+        "inner_cv=2", "selection.k=[3]",
         "data.clinical.categorical=[sex,smoking,histology,stage]", "optim.max_instances=16", "report=false",
         "morphology.max_tiles=4", "tiling.target_mpp=1.0"]
 
@@ -55,7 +55,7 @@ def test_every_experiment_runs_one_fast_step(tiny, tmp_path, experiment):
     assert 0.0 <= metrics["cindex"]["mean"] <= 1.0
     if "wsi" in cfg.modalities:
         assert metrics["embeddings"]["encoder"] == "test_tiny"
-    if cfg.model.get("kind") == "deep":  # the classical offset: the tabular modalities, else the probe
+    if cfg.get("net") is not None:  # the classical offset: the tabular modalities, else the probe
         want = [m for m in cfg.modalities if m != "wsi"] or ["embeddings"]
         got = [(t.get("offset") or {}).get("modalities") for t in metrics["training"].values()]
         # with CT, the 13 complete cases of this tiny cohort are too few for the offset's

@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
 from netsurv.cohort.schema import SLIDES_REQUIRED
-from netsurv.report.heatmap import read_attention
+from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
+from netsurv.evaluation.attention import read_attention
 from netsurv.tasks.train import run
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["evaluation.seeds=[0]", "optim.max_epochs=2", "optim.min_epochs=1", "optim.patience=0",
         "optim.max_instances=16", "optim.batch_size=8", "report=false", "target=os",
-        "data.clinical.categorical=[sex,smoking,histology,stage]", "tabular.k=3"]
+        "data.clinical.categorical=[sex,smoking,histology,stage]", "selection.k=[3]"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def _cfg(overrides):
                                               ("clinical_pathomics", "transmil")])
 def test_training_on_trident_features_from_embeddings_dir(external, tmp_path, experiment, model):
     out = tmp_path / "run"
-    cfg = _cfg([f"experiment={experiment}", f"model={model}", "data=cohort",
+    cfg = _cfg([f"experiment={experiment}", f"net={model}", "data=cohort",
                 f"data.root={external['root']}", f"embeddings.dir={external['feats']}",
                 f"+output_dir={out}", *FAST])
     metrics = run(cfg)

@@ -17,8 +17,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
+from netsurv.evaluation.attention import attention_record
+from netsurv.stages import FAILURE_COLUMNS
 from netsurv.training import bags as bagmod
-from netsurv.training.bags import BagError, BagStore, attention_record, wsi_bag_store
+from netsurv.training.bags import BagError, BagStore, wsi_bag_store
 from netsurv.training.datamodule import (
     PatientDataset,
     TileBudgetBatchSampler,
@@ -59,7 +61,7 @@ def _data(seed, n, d=8):
 def embedded(tmp_path_factory):
     """Four small demo slides of three patients (P0 has two), tiled and embedded by the
     embedding stage (test_tiny, fp32): our own layout."""
-    from netsurv.cohort.demo_wsi import write_demo_slide
+    from netsurv.demo.wsi import write_demo_slide
 
     d = tmp_path_factory.mktemp("bags_demo")
     rows = []
@@ -89,7 +91,9 @@ def test_store_equals_in_memory_bags_on_embedded_demo_slides(embedded):
     assert info["source"] == "embedding stage" and info["n_failed"] == 1
     # the stage's failure is in the run's failures table, with the patient and the reason
     fails = pd.read_csv(info["failures_csv"])
+    assert list(fails.columns) == FAILURE_COLUMNS  # the failures table of every stage
     assert fails[["slide_id", "patient_id"]].values.tolist() == [["broken", "P3"]]
+    assert fails.stage.tolist() == ["tiling"]
     assert "tiling failed" in fails.reason[0]
     mem, missing = load_bags(embedded["slides"], info["out"], ["P0", "P1", "P2"])
     assert not missing and set(store) == set(mem) == {"P0", "P1", "P2"}
@@ -255,7 +259,9 @@ def test_each_bad_file_gets_its_reason_and_the_other_slides_go_on(tmp_path):
                       ("C", "nofeat"), ("D", "short"), ("D", "wide"), ("E", "nan"),
                       ("E", "empty"), ("F", "ints"), ("F", "notensor")])
     store, fails = BagStore.build(slides, tmp_path, cache_dir=tmp_path / "cache")
-    assert list(fails.columns) == ["slide_id", "patient_id", "path", "reason"]
+    assert list(fails.columns) == FAILURE_COLUMNS  # the failures table of every stage
+    assert (fails.stage == "bags").all() and (fails.error == fails.reason).all()
+    assert (fails.item_id == fails.slide_id).all() and (fails.status == "failed").all()
     why = fails.set_index("slide_id")
     expect = {
         "missing": r"no features file for slide missing \(looked for missing\.h5, "
@@ -294,7 +300,9 @@ def test_run_entry_point_records_failures_and_refuses_no_usable_slide(tmp_path):
         store, info = wsi_bag_store(Cohort, cfg)
     assert list(store) == ["P1"] and info["n_failed"] == 1
     table = pd.read_csv(info["failures_csv"])
+    assert list(table.columns) == FAILURE_COLUMNS
     assert table.slide_id.tolist() == ["bad"] and table.patient_id.tolist() == ["P2"]
+    assert table.stage.tolist() == ["bags"] and table.error_type.tolist() == ["BagError"]
     assert "bad.h5: cannot be read" in table.reason[0]
     Cohort.slides = _slides([("P2", "bad"), ("P3", "gone")])
     with pytest.raises(BagError, match=r"none of the 2 slide\(s\) .* has usable features .*"

@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.model_selection import RepeatedStratifiedKFold
+from sksurv.util import Surv
 
 from netsurv.features.clinical import ClinicalEncoder
 from netsurv.models.classical import (
@@ -31,6 +32,10 @@ def cohort():
     return {"clinical": clin, "genes": genes}, time, event
 
 
+def _y(time, event):
+    return Surv.from_arrays(np.asarray(event).astype(bool), time)
+
+
 def _pipe(model):
     return ClassicalPipeline(clinical_encoder=ClinicalEncoder(["age"], ["grp"], True),
                              imaging={"genes": ImagingBlock(corr_threshold=0.9)}, model=model, k=2)
@@ -42,9 +47,8 @@ def _oof(frames, time, event, model, k, repeats=1, seed=0):
     out = [np.full(len(event), np.nan) for _ in range(repeats)]
     fold_cs = []
     for f, (tr, va) in enumerate(folds.split(np.zeros(len(event)), event)):
-        p = _pipe(model)
-        p.k = k
-        risk = p.fit(take_rows(frames, tr), time[tr], event[tr]).predict_risk(take_rows(frames, va))
+        p = _pipe(model).set_params(k=k)
+        risk = p.fit(take_rows(frames, tr), _y(time[tr], event[tr])).predict(take_rows(frames, va))
         out[f // 3][va] = risk
         fold_cs.append(harrell_cindex(time[va], event[va], risk))
     return out, fold_cs
@@ -53,7 +57,7 @@ def _oof(frames, time, event, model, k, repeats=1, seed=0):
 def test_pooled_cindex_is_harrell_over_concatenated_oof_risks(cohort):
     frames, time, event = cohort
     model = CoxNet(l1_ratio=0.5, alpha=0.05)  # fixed penalty: the grid is k only
-    best, table = inner_search(_pipe(model), frames, time, event, {"k": [1, 3]}, repeats=2)
+    best, table = inner_search(_pipe(model), frames, _y(time, event), {"k": [1, 3]}, repeats=2)
     for k in (1, 3):
         oof, _ = _oof(frames, time, event, model, k, repeats=2)
         expected = np.mean([harrell_cindex(time, event, r) for r in oof])
@@ -66,11 +70,11 @@ def test_pooled_cindex_is_harrell_over_concatenated_oof_risks(cohort):
 def test_mean_score_is_mean_of_fold_cindex(cohort):
     frames, time, event = cohort
     model = CoxNet(l1_ratio=0.5, alpha=0.05)
-    _, table = inner_search(_pipe(model), frames, time, event, {"k": [3]}, score="mean")
+    _, table = inner_search(_pipe(model), frames, _y(time, event), {"k": [3]}, score="mean")
     _, fold_cs = _oof(frames, time, event, model, 3)
     assert table.cindex[0] == pytest.approx(np.mean(fold_cs), abs=1e-12)
     with pytest.raises(ValueError, match="score"):
-        inner_search(_pipe(model), frames, time, event, {"k": [3]}, score="median")
+        inner_search(_pipe(model), frames, _y(time, event), {"k": [3]}, score="median")
 
 
 def test_penalty_chosen_on_the_inner_folds(cohort):
@@ -78,32 +82,31 @@ def test_penalty_chosen_on_the_inner_folds(cohort):
     of fold fits along that path, jointly with k and l1_ratio."""
     frames, time, event = cohort
     pipe = _pipe(CoxNet(alpha=None))
-    best, table = inner_search(pipe, frames, time, event, {"k": [2, "all"], "l1_ratio": [0.5, 0.9]})
+    best, table = inner_search(pipe, frames, _y(time, event),
+                               {"k": [2, "all"], "l1_ratio": [0.5, 0.9]})
     assert set(best) == {"k", "l1_ratio", "alpha"} and len(table) == 4
     row = table[(table.k.astype(str) == str(best["k"])) & (table.l1_ratio == best["l1_ratio"])]
     assert row.cindex.iloc[0] == table.cindex.max()
     # recompute the winner's score by hand
     model = CoxNet(l1_ratio=best["l1_ratio"])
-    prep, _ = pipe._prepare(frames, time, event)
-    X = pipe._design(prep.clinical, prep.imaging, pipe._top(prep.scores, best["k"]))
+    _, feats = pipe.fit_features(frames, _y(time, event))
+    X = feats.design(feats.top(best["k"]))
     alphas, eligible = model.alpha_path(X.to_numpy(), time, event)
     j = int(np.flatnonzero(alphas == best["alpha"])[0])
     assert eligible[j]
     oof = np.full((len(event), len(alphas)), np.nan)
     for tr, va in RepeatedStratifiedKFold(n_splits=3, n_repeats=1, random_state=0).split(
             np.zeros(len(event)), event):
-        p, fitted = pipe._prepare(take_rows(frames, tr), time[tr], event[tr])
-        sel = pipe._top(p.scores, best["k"])
-        Zc, Zi = pipe._transform(fitted, take_rows(frames, va))
-        coefs = model.path_coefs(pipe._design(p.clinical, p.imaging, sel).to_numpy(), time[tr],
-                                 event[tr], alphas)
-        oof[va] = pipe._design(Zc, Zi, sel).to_numpy() @ coefs
+        steps, ftr = pipe.fit_features(take_rows(frames, tr), _y(time[tr], event[tr]))
+        sel = ftr.top(best["k"])
+        fva = pipe.transform_features(steps, take_rows(frames, va))
+        coefs = model.path_coefs(ftr.design(sel).to_numpy(), time[tr], event[tr], alphas)
+        oof[va] = fva.design(sel).to_numpy() @ coefs
     scores = [harrell_cindex(time, event, oof[:, i]) if np.ptp(oof[:, i]) else 0.5
               for i in range(len(alphas))]
     assert row.cindex.iloc[0] == pytest.approx(scores[j], abs=1e-12)
     assert scores[j] == pytest.approx(max(s for s, e in zip(scores, eligible) if e), abs=1e-12)
     # the chosen penalty is used as is by the final fit (no second, nested CV)
-    pipe.k = best.pop("k")
-    pipe.model = pipe.model.set_params(**best)
-    pipe.fit(frames, time, event)
+    pipe.set_params(k=best.pop("k"), model=pipe.model.set_params(**best))
+    pipe.fit(frames, _y(time, event))
     assert pipe.model_.alpha_ == best["alpha"] and np.abs(pipe.model_.coef_).sum() > 0

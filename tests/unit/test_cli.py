@@ -138,7 +138,7 @@ def test_plain_scripts(tmp_path):
 
 def test_every_hydra_entry_point_uses_the_mechanism():
     for path in sorted((REPO / "scripts").glob("*.py")):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         names = [ast.unparse(d) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
                  for d in f.decorator_list]
         text = path.read_text()
@@ -154,7 +154,7 @@ def test_every_hydra_entry_point_uses_the_mechanism():
 def test_train_script_on_a_broken_cohort(tmp_path):
     import pandas as pd
 
-    from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+    from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
 
     df = simulate_patients(30, seed=3)[CLINICAL_COLUMNS].astype({"os_time": object})
     df.loc[3, "os_time"] = "inf"

@@ -27,10 +27,10 @@ def test_breslow_loglik_matches_quadratic_reference(rossi):
 
 def test_coxnet_fixed_alpha_matches_sksurv(rossi):
     X, t, e = rossi
-    ours = CoxNet(l1_ratio=0.7, alpha=0.02).fit(X, t, e)
+    ours = CoxNet(l1_ratio=0.7, alpha=0.02).fit(X, Surv.from_arrays(e.astype(bool), t))
     ref = CoxnetSurvivalAnalysis(l1_ratio=0.7, alphas=[0.02]).fit(X.to_numpy(), Surv.from_arrays(e.astype(bool), t))
     np.testing.assert_allclose(ours.coef_, ref.coef_[:, 0], atol=1e-8)
-    np.testing.assert_allclose(ours.predict_risk(X), X.to_numpy() @ ref.coef_[:, 0], atol=1e-8)
+    np.testing.assert_allclose(ours.predict(X), X.to_numpy() @ ref.coef_[:, 0], atol=1e-8)
     S = ours.predict_survival(X.iloc[:5], [5, 20, 40])
     assert S.shape == (5, 3) and (np.diff(S, axis=1) <= 0).all() and ((S > 0) & (S <= 1)).all()
 
@@ -38,7 +38,7 @@ def test_coxnet_fixed_alpha_matches_sksurv(rossi):
 @pytest.mark.parametrize("metric", ["cindex", "deviance"])
 def test_coxnet_alpha_chosen_on_path_by_inner_cv(rossi, metric):
     X, t, e = rossi
-    m = CoxNet(l1_ratio=0.5, cv_metric=metric).fit(X, t, e)
+    m = CoxNet(l1_ratio=0.5, cv_metric=metric).fit(X, Surv.from_arrays(e.astype(bool), t))
     path = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=100, alpha_min_ratio=0.01).fit(
         X.to_numpy(), Surv.from_arrays(e.astype(bool), t))
     assert m.alpha_ in path.alphas_ and len(m.cv_scores_) == len(path.alphas_)

@@ -141,7 +141,7 @@ def test_build_net_adds_linear_terms_from_config():
 
     cfg = OmegaConf.create({
         "tabular": {"dim": 4, "hidden": [], "dropout": 0.0, "linear": True},
-        "model": {"mil": {"_target_": "netsurv.models.mil.ABMIL", "dim": 8, "attn_dim": 4}},
+        "net": {"mil": {"_target_": "netsurv.models.mil.ABMIL", "dim": 8, "attn_dim": 4}},
         "fusion": {"module": {"_target_": "netsurv.models.fusion.EarlyFusion", "hidden": 8},
                    "modality_dropout": 0.0}})
     net = build_net(cfg, {"clinical": 5, "wsi": 6}, out_dim=3)

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo CT generator (netsurv.cohort.demo_ct)."""
+"""Tests for the synthetic demo CT generator (netsurv.demo.ct)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from netsurv.cohort.demo_ct import SCANNERS, write_demo_ct
+from netsurv.demo.ct import SCANNERS, write_demo_ct
 
 SMOOTH, SHARP, THICK = "siemens_b30f", "ge_lung", "philips_b"
 BASE = dict(size_z=0.0, irregularity_z=0.0, heterogeneity_z=0.0)

@@ -11,7 +11,7 @@ from PIL import Image  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 from skimage.color import rgb2hed  # noqa: E402
 
-from netsurv.cohort.demo_wsi import write_demo_slide  # noqa: E402
+from netsurv.demo.wsi import write_demo_slide  # noqa: E402
 
 SIZE_UM = 768.0  # 1536 px at 0.5 µm/px: two pyramid levels, ~0.1 s per slide
 
@@ -73,7 +73,7 @@ def test_deterministic(tmp_path):
 def test_strips_agree(tmp_path, monkeypatch):
     """Rendering in 256-row strips (blur halos crossing strip borders) gives the same pixels
     as rendering in one strip: the large-slide path is exact."""
-    import netsurv.cohort.demo_wsi as demo_wsi
+    import netsurv.demo.wsi as demo_wsi
 
     kw = dict(seed=3, artefacts=("pen", "padding", "blur"))
     _write(tmp_path / "one.tiff", **kw)

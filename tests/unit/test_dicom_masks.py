@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from netsurv.cohort.demo_ct import write_demo_ct
+from netsurv.demo.ct import write_demo_ct
 from netsurv.radiology import radiomics as R
 from netsurv.radiology.dicom_masks import dicom_mask_kind
 from netsurv.radiology.volumes import VolumeError, load_case

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from netsurv.cohort.demo_wsi import write_demo_slide
+from netsurv.demo.wsi import write_demo_slide
 from netsurv.pathology.embed import (
     embed_slide,
     is_embedded,
@@ -23,7 +23,7 @@ from netsurv.pathology.embed import (
 from netsurv.pathology.encoders import build_encoder
 from netsurv.pathology.slides import SlideError
 from netsurv.pathology.tiling import TileDataset, params_hash
-from netsurv.stages import h5_attach_checksum
+from netsurv.stages import FAILURE_COLUMNS, h5_attach_checksum
 from netsurv.tasks.embed import embed_cohort, shard, shard_info
 from netsurv.tasks.tile import output_dir, tile_cohort
 
@@ -186,6 +186,11 @@ def test_cohort_job_resume_and_failures(wsi, encoder, tmp_path):
     res3 = embed_cohort(slides, _cfg(derived), encoder=encoder)
     fails = pd.read_csv(out / "failures.csv")
     assert set(fails.slide_id) == {"s0", "s3"}, fails
+    # the failures table of every stage (this one and the tiling stage's)
+    assert list(fails.columns) == FAILURE_COLUMNS
+    tfails = pd.read_csv(tiles / "failures.csv")
+    assert list(tfails.columns) == FAILURE_COLUMNS and tfails.slide_id.tolist() == ["s3"]
+    assert fails.set_index("slide_id").stage.to_dict() == {"s0": "embedding", "s3": "tiling"}
     assert fails.reason.str.len().min() > 0
     assert "tiling failed" in fails.set_index("slide_id").reason["s3"]
     assert "outside" in fails.set_index("slide_id").reason["s0"]  # corrupt coords named

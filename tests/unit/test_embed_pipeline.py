@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from netsurv.cohort.demo_wsi import write_demo_slide
+from netsurv.demo.wsi import write_demo_slide
 from netsurv.pathology.embed import CohortEmbedder, SlideJob, read_embeddings
 from netsurv.pathology.encoders import build_encoder
 from netsurv.pathology.tiling import TileDataset

@@ -62,7 +62,7 @@ def test_matches_neurocombat(mode, monkeypatch):
     X, meta = make_data()
     ref, est = run_neurocombat(X, meta, **kw)
     cb = ComBat(**COV, **kw)
-    out = cb.fit_transform(X, meta)
+    out = cb.fit_transform(X, meta=meta)
     assert list(out.columns) == list(X.columns) and list(out.index) == list(X.index)
     assert np.abs(out.to_numpy() - ref).max() < 1e-6
     np.testing.assert_allclose(cb.gamma_star_.to_numpy(), np.asarray(est["gamma.star"], float),
@@ -77,13 +77,13 @@ def test_transform_of_new_rows_uses_stored_estimates():
     rng = np.random.default_rng(0)
     test = rng.permutation(X.index)[:20]
     train = X.index.difference(test)
-    cb = ComBat(**COV).fit(X.loc[train], meta)
+    cb = ComBat(**COV).fit(X.loc[train], meta=meta)
     # refitting on the same rows and transforming them == fit_transform; meta may be a superset
     # of X's rows in any order
-    np.testing.assert_allclose(cb.transform(X.loc[train], meta.sample(frac=1, random_state=0)),
-                               ComBat(**COV).fit_transform(X.loc[train], meta.loc[train]),
+    np.testing.assert_allclose(cb.transform(X.loc[train], meta=meta.sample(frac=1, random_state=0)),
+                               ComBat(**COV).fit_transform(X.loc[train], meta=meta.loc[train]),
                                atol=1e-12)
-    out = cb.transform(X.loc[test], meta)
+    out = cb.transform(X.loc[test], meta=meta)
     m = meta.loc[test]
     design = pd.DataFrame({"sex_M": (m.sex == "M").astype(float),
                            "hist_lc": (m["hist"] == "lc").astype(float),
@@ -96,36 +96,36 @@ def test_transform_of_new_rows_uses_stored_estimates():
     by_hand = gm + mod + (X.loc[test].to_numpy() - gm - mod - g * sd) / np.sqrt(d)
     np.testing.assert_allclose(out.to_numpy(), by_hand, atol=1e-10)
     # the estimates came from the training rows only
-    cb_all = ComBat(**COV).fit(X, meta)
+    cb_all = ComBat(**COV).fit(X, meta=meta)
     assert not np.allclose(cb_all.gamma_star_, cb.gamma_star_)
 
 
 def test_unseen_batch_pass_warns_and_returns_rows_unchanged():
     X, meta = make_data(seed=2)
-    cb = ComBat(**COV).fit(X, meta)
+    cb = ComBat(**COV).fit(X, meta=meta)
     new_meta = meta.iloc[:3].copy()
     new_meta["scanner"] = ["s1", "new-ct", "new-ct"]
     with pytest.warns(UserWarning, match=r"not seen in training: 'new-ct' \(2 rows\)"):
-        out = cb.transform(X.iloc[:3], new_meta)
+        out = cb.transform(X.iloc[:3], meta=new_meta)
     np.testing.assert_allclose(out.iloc[1:], X.iloc[1:3], atol=1e-12)
-    np.testing.assert_allclose(out.iloc[:1], cb.transform(X.iloc[:1], meta), atol=1e-12)
+    np.testing.assert_allclose(out.iloc[:1], cb.transform(X.iloc[:1], meta=meta), atol=1e-12)
     with pytest.raises(ValueError, match="new-ct"):
-        ComBat(**COV, unseen="error").fit(X, meta).transform(X.iloc[:3], new_meta)
+        ComBat(**COV, unseen="error").fit(X, meta=meta).transform(X.iloc[:3], meta=new_meta)
 
 
 def test_single_sample_batch_is_location_only_with_warning():
     X, meta = make_data(seed=3, sizes=(15, 20, 1, 18))
     with pytest.warns(UserWarning, match=r"\['s3'\] have a single training sample"):
-        cb = ComBat(**COV).fit(X, meta)
+        cb = ComBat(**COV).fit(X, meta=meta)
     assert (cb.delta_star_.loc["s3"] == 1).all() and (cb.delta_star_.loc["s1"] != 1).all()
     # location-only posterior, as sva's mean-only ComBat: (t2 g + g_bar) / (t2 + 1)
     t2, gbar = cb.t2_["s3"], cb.gamma_bar_["s3"]
     np.testing.assert_allclose(cb.gamma_star_.loc["s3"],
                                (t2 * cb.gamma_hat_.loc["s3"] + gbar) / (t2 + 1))
-    assert np.isfinite(cb.transform(X, meta).to_numpy()).all()
+    assert np.isfinite(cb.transform(X, meta=meta).to_numpy()).all()
     for kw in (dict(parametric=False), dict(eb=False)):
         with pytest.warns(UserWarning, match="single training sample"):
-            out = ComBat(**COV, **kw).fit_transform(X, meta)
+            out = ComBat(**COV, **kw).fit_transform(X, meta=meta)
         assert np.isfinite(out.to_numpy()).all()
 
 
@@ -147,12 +147,12 @@ def test_covariate_effect_preserved_batch_effect_removed():
 
     _, _, p_before = stats(X)
     assert p_before < 1e-10
-    slope, sex_eff, p_after = stats(ComBat(**COV).fit_transform(X, meta))
+    slope, sex_eff, p_after = stats(ComBat(**COV).fit_transform(X, meta=meta))
     assert p_after > 0.5
     assert slope == pytest.approx(0.2, abs=0.04) and sex_eff == pytest.approx(2.0, abs=0.5)
     # without the covariates, ComBat mistakes part of the age effect for a scanner effect: the
     # age slope is eroded and age-adjusted scanner differences are re-introduced
-    slope_nocov, _, p_nocov = stats(ComBat().fit_transform(X, meta))
+    slope_nocov, _, p_nocov = stats(ComBat().fit_transform(X, meta=meta))
     assert slope_nocov < slope - 0.03 and p_nocov < 1e-4
 
 
@@ -160,19 +160,19 @@ def test_constant_feature_passthrough_and_nan_error():
     X, meta = make_data(seed=5, p=10)
     X["const"] = 3.0
     with pytest.warns(UserWarning, match=r"\['const'\] have zero variance"):
-        cb = ComBat(**COV).fit(X, meta)
+        cb = ComBat(**COV).fit(X, meta=meta)
     new = X.iloc[:5].copy()
     new["const"] = [1.0, 2.0, 3.0, 4.0, 5.0]
-    out = cb.transform(new, meta)
+    out = cb.transform(new, meta=meta)
     assert (out["const"] == new["const"]).all() and cb.passthrough_ == ["const"]
     # the other features are unaffected by the extra constant column
     np.testing.assert_allclose(out.drop(columns="const"),
-                               ComBat(**COV).fit(X.drop(columns="const"), meta)
-                               .transform(new.drop(columns="const"), meta), atol=1e-12)
+                               ComBat(**COV).fit(X.drop(columns="const"), meta=meta)
+                               .transform(new.drop(columns="const"), meta=meta), atol=1e-12)
     bad = X.copy()
     bad.iloc[0, 2] = np.nan
     with pytest.raises(ValueError, match=r"NaN/inf in feature column\(s\) \['f2'\]"):
-        ComBat(**COV).fit(bad, meta)
+        ComBat(**COV).fit(bad, meta=meta)
 
 
 def test_input_errors_and_unseen_covariate_level():
@@ -180,23 +180,23 @@ def test_input_errors_and_unseen_covariate_level():
     with pytest.raises(ValueError, match="needs `meta`"):
         ComBat().fit(X)
     with pytest.raises(KeyError, match=r"\['site'\] not in meta"):
-        ComBat(batch_col="site").fit(X, meta)
+        ComBat(batch_col="site").fit(X, meta=meta)
     confounded = meta.assign(grp=meta.scanner.map({"s1": "a", "s2": "a", "s3": "b", "s4": "b"}))
     with pytest.raises(ValueError, match="rank-deficient"):
-        ComBat(categorical_covariates=["grp"]).fit(X, confounded)
-    cb = ComBat(**COV).fit(X, meta)
+        ComBat(categorical_covariates=["grp"]).fit(X, meta=confounded)
+    cb = ComBat(**COV).fit(X, meta=meta)
     with pytest.raises(ValueError, match="columns differ"):
-        cb.transform(X.drop(columns="f1"), meta)
+        cb.transform(X.drop(columns="f1"), meta=meta)
     with pytest.warns(UserWarning, match=r"'hist' level\(s\) \['sclc'\] not seen"):
-        cb.transform(X.iloc[:2], meta.iloc[:2].assign(hist=["sclc", "ac"]))
+        cb.transform(X.iloc[:2], meta=meta.iloc[:2].assign(hist=["sclc", "ac"]))
     # batch labels as a Series when there are no covariates
-    np.testing.assert_allclose(ComBat().fit_transform(X, meta.scanner),
-                               ComBat().fit_transform(X, meta), atol=1e-12)
+    np.testing.assert_allclose(ComBat().fit_transform(X, meta=meta.scanner),
+                               ComBat().fit_transform(X, meta=meta), atol=1e-12)
 
 
 def test_nonparametric_is_fast_for_radiomics_sizes():
     X, meta = make_data(seed=7, sizes=(20, 30, 25, 25), p=1500)
     t0 = time.perf_counter()
-    out = ComBat(**COV, parametric=False).fit_transform(X, meta)
+    out = ComBat(**COV, parametric=False).fit_transform(X, meta=meta)
     assert time.perf_counter() - t0 < 5
     assert np.isfinite(out.to_numpy()).all()

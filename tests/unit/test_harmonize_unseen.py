@@ -26,11 +26,11 @@ def make(seed=0, p=8):
 def test_unseen_batch_is_estimated_without_outcomes_and_without_nan():
     X, b = make()
     tr = b.isin(["A", "B"])
-    cb = ComBat(unseen="estimate", eb=False, unseen_min_cases=10).fit(X[tr], b[tr])
+    cb = ComBat(unseen="estimate", eb=False, unseen_min_cases=10).fit(X[tr], meta=b[tr])
     new = b == "Z"
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        out = cb.transform(X[new], b[new])
+        out = cb.transform(X[new], meta=b[new])
     assert np.isfinite(out.to_numpy()).all()
     assert any("'Z' not seen in training: location/scale estimated from its own 20 rows"
                in str(x.message) for x in w)
@@ -43,8 +43,8 @@ def test_unseen_batch_is_estimated_without_outcomes_and_without_nan():
     want = (z - z.mean(0)) / z.std(0, ddof=1) * sd + gm
     np.testing.assert_allclose(out.to_numpy(), want, rtol=1e-10)
     # training rows are unaffected by the unseen batch being in the same call
-    both = cb.transform(X[tr | new], b[tr | new])
-    np.testing.assert_allclose(both.loc[tr[tr].index], cb.transform(X[tr], b[tr]))
+    both = cb.transform(X[tr | new], meta=b[tr | new])
+    np.testing.assert_allclose(both.loc[tr[tr].index], cb.transform(X[tr], meta=b[tr]))
     np.testing.assert_allclose(both.loc[new[new].index], out)
 
 
@@ -52,12 +52,12 @@ def test_unseen_batch_with_eb_lands_on_the_reference_and_pass_does_not():
     X, b = make(1)
     tr = b.isin(["A", "B"])
     new = b == "Z"
-    est = ComBat(unseen="estimate").fit(X[tr], b[tr])
-    passed = ComBat(unseen="pass").fit(X[tr], b[tr])
+    est = ComBat(unseen="estimate").fit(X[tr], meta=b[tr])
+    passed = ComBat(unseen="pass").fit(X[tr], meta=b[tr])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        e, p = est.transform(X[new], b[new]), passed.transform(X[new], b[new])
-    ref = est.transform(X[tr], b[tr])
+        e, p = est.transform(X[new], meta=b[new]), passed.transform(X[new], meta=b[new])
+    ref = est.transform(X[tr], meta=b[tr])
     # harmonised: the batch's mean within 0.5 of the training reference's (it was 6 away)
     assert np.abs(e.mean() - ref.mean()).max() < 0.5
     assert np.abs(p.mean() - ref.mean()).min() > 4
@@ -67,11 +67,11 @@ def test_unseen_batch_with_eb_lands_on_the_reference_and_pass_does_not():
 def test_tiny_unseen_batches_are_passed_or_flagged():
     X, b = make(2)
     tr = b.isin(["A", "B"])
-    cb = ComBat(unseen="estimate", unseen_min_cases=10).fit(X[tr], b[tr])
+    cb = ComBat(unseen="estimate", unseen_min_cases=10).fit(X[tr], meta=b[tr])
     sub = b.isin(["Y"]) | (b == "Z") & (np.arange(len(b)) < 60)   # Y: 1 row, Z: 5 rows
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        out = cb.transform(X[sub], b[sub])
+        out = cb.transform(X[sub], meta=b[sub])
     msgs = " | ".join(str(x.message) for x in w)
     assert "'Y' not seen in training has 1 row" in msgs and "returned unharmonised" in msgs
     assert "fewer than unseen_min_cases=10 rows" in msgs
@@ -85,4 +85,4 @@ def test_tiny_unseen_batches_are_passed_or_flagged():
 def test_unseen_option_is_validated():
     X, b = make()
     with pytest.raises(ValueError, match="unseen must be one of"):
-        ComBat(unseen="guess").fit(X, b)
+        ComBat(unseen="guess").fit(X, meta=b)

@@ -3,6 +3,7 @@ import pytest
 from lifelines import CoxPHFitter
 from lifelines.datasets import load_rossi
 from sksurv.metrics import concordance_index_censored
+from sksurv.util import Surv
 
 from netsurv.survival.cox import CoxPH
 from netsurv.survival.metrics import MetricError, harrell_cindex, mean_ci
@@ -59,10 +60,10 @@ def test_coxph_matches_lifelines_and_drops_constant_columns():
     X = rossi.drop(columns=["week", "arrest"]).astype(float)
     X["const"] = 1.0
     with pytest.warns(UserWarning, match=r"constant column\(s\).*\['const'\]"):
-        m = CoxPH(penalizer=0.0).fit(X, rossi.week, rossi.arrest)
+        m = CoxPH(penalizer=0.0).fit(X, Surv.from_arrays(rossi.arrest.astype(bool), rossi.week))
     ref = CoxPHFitter().fit(rossi, "week", "arrest")
     np.testing.assert_allclose(m.coef_, ref.params_[m.columns_].to_numpy(), atol=1e-6)
-    np.testing.assert_allclose(m.predict_risk(X), X[m.columns_].to_numpy() @ m.coef_)
+    np.testing.assert_allclose(m.predict(X), X[m.columns_].to_numpy() @ m.coef_)
 
 
 def test_coxph_survival_matches_breslow_on_its_linear_predictor():
@@ -73,11 +74,11 @@ def test_coxph_survival_matches_breslow_on_its_linear_predictor():
 
     rossi = load_rossi()
     X = rossi.drop(columns=["week", "arrest"])
-    m = CoxPH(penalizer=0.0).fit(X, rossi.week, rossi.arrest)
+    m = CoxPH(penalizer=0.0).fit(X, Surv.from_arrays(rossi.arrest.astype(bool), rossi.week))
     times = np.array([5.0, 20.0, 35.0, 50.0])
     got = m.predict_survival(X.iloc[:40], times)
     assert got.shape == (40, 4) and np.all(np.diff(got, axis=1) <= 0)
-    lp = m.predict_risk(X)
+    lp = m.predict(X)
     br = BreslowEstimator().fit(lp, rossi.arrest.to_numpy().astype(bool), rossi.week.to_numpy())
     want = np.vstack([f(times) for f in br.get_survival_function(lp[:40])])
     np.testing.assert_allclose(got, want, atol=1e-6)

@@ -10,11 +10,12 @@ import pytest
 from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
-from netsurv.cohort.demo_wsi import write_demo_slide
+from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
+from netsurv.demo.wsi import write_demo_slide
 from netsurv.pathology import morphology as M
 from netsurv.pathology.slides import open_slide
 from netsurv.pathology.tiling import tile_slide, write_coords
+from netsurv.stages import FAILURE_COLUMNS
 
 
 # --------------------------------------------------------------------------- synthetic tiles
@@ -179,6 +180,11 @@ def test_extract_records_failures_caches_and_resumes(slide_cohort, monkeypatch):
     assert failures["slide_id"].tolist() == [f"{ids[2]}-S1"]
     assert failures["stage"].tolist() == ["tiling"]
     out = T.output_dir(cfg)
+    # the failures table of every stage, here and in the tiling folder
+    tiles = Path(cfg.data.derived) / "tiles"
+    for p in [out / "failures.csv", *tiles.glob("*/failures.csv")]:
+        assert list(pd.read_csv(p).columns) == FAILURE_COLUMNS, p
+    assert list(failures.columns) == FAILURE_COLUMNS
     assert out.parent.name == "pathomics"
     slides = pd.read_csv(out / "slides.csv")
     assert len(slides) == 3 and (slides["n_tiles"] == 3).all()

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
+from sksurv.util import Surv
 from torch.utils.data import DataLoader
 
 from netsurv.features.clinical import ClinicalEncoder
@@ -182,6 +183,10 @@ def _clinical(n=60, seed=0):
     return df, time, event
 
 
+def _y(time, event):
+    return Surv.from_arrays(np.asarray(event).astype(bool), np.asarray(time, float))
+
+
 def _pipe(**kw) -> ClassicalPipeline:
     enc = ClinicalEncoder(numeric=["age"], categorical=["sex"], scale_indicators=True)
     return ClassicalPipeline(clinical_encoder=enc, model=CoxNet(l1_ratio=0.5, alpha=0.05), **kw)
@@ -193,8 +198,8 @@ def _manual_oof(frames, time, event, folds, seed):
     out = np.full(len(time), np.nan)
     for fit, pred in StratifiedKFold(folds, shuffle=True, random_state=seed).split(
             np.zeros(len(time)), event):
-        p = _pipe().fit({m: f.iloc[fit] for m, f in frames.items()}, time[fit], event[fit])
-        out[pred] = p.predict_risk({m: f.iloc[pred] for m, f in frames.items()})
+        p = _pipe().fit({m: f.iloc[fit] for m, f in frames.items()}, _y(time[fit], event[fit]))
+        out[pred] = p.predict({m: f.iloc[pred] for m, f in frames.items()})
     return out
 
 
@@ -206,14 +211,14 @@ def test_cross_fit_equals_a_manual_stratified_refit():
     oof = _cross_fit(pipe, frames, time, event, 5, 11)
     assert oof.shape == (60,) and np.isfinite(oof).all() and np.ptp(oof) > 0
     np.testing.assert_allclose(oof, _manual_oof(frames, time, event, 5, 11), rtol=0, atol=1e-12)
-    # a fitted pipeline is not altered by cross-fitting (deep copies are refitted)
-    fitted = _pipe().fit(frames, time, event)
+    # a fitted pipeline is not altered by cross-fitting (clones are refitted)
+    fitted = _pipe().fit(frames, _y(time, event))
     coef = fitted.model_.coef_.copy()
     again = _cross_fit(fitted, frames, time, event, 5, 11)
     np.testing.assert_array_equal(again, oof)
     np.testing.assert_array_equal(fitted.model_.coef_, coef)
     # out-of-fold risks are not the in-sample ones
-    assert np.abs(oof - fitted.predict_risk(frames)).max() > 1e-3
+    assert np.abs(oof - fitted.predict(frames)).max() > 1e-3
 
 
 def test_cross_fit_folds_are_capped_by_the_events():
@@ -239,8 +244,8 @@ def test_cross_fit_is_leak_free(i):
         oof2 = _cross_fit(_pipe(), frames, t2, event, 5, 7)
         assert oof2[i] == oof[i]
         assert np.abs(oof2 - oof).max() > 1e-6            # the other folds did see it
-        full = _pipe().fit(frames, time, event).predict_risk(frames)
-        full2 = _pipe().fit(frames, t2, event).predict_risk(frames)
+        full = _pipe().fit(frames, _y(time, event)).predict(frames)
+        full2 = _pipe().fit(frames, _y(t2, event)).predict(frames)
         assert abs(full2[i] - full[i]) > 1e-6
 
 
@@ -254,14 +259,14 @@ def _emb_frame(ids, seed=3, d=3):
 def test_predict_offset_centres_and_zeroes_patients_lacking_a_modality():
     df, time, event = _clinical()
     frames = {"clinical": df}
-    pipe = _pipe().fit(frames, time, event)
+    pipe = _pipe().fit(frames, _y(time, event))
     center = 0.375
     state = {"name": "coxnet", "modalities": ["clinical"], "pipe": pipe, "center": center}
     have = list(df.index[[5, 0, 33]])
     new = {"clinical": df.loc[have]}
     patients = ["X1", have[0], have[1], "X2", have[2]]
     got = predict_offset(state, new, patients)
-    risk = pipe.predict_risk({"clinical": df.loc[have]})
+    risk = pipe.predict({"clinical": df.loc[have]})
     np.testing.assert_allclose(got, [0.0, risk[0] - center, risk[1] - center, 0.0,
                                      risk[2] - center], rtol=0, atol=1e-12)
     # nobody has the modality: all zeros
@@ -278,14 +283,14 @@ def test_predict_offset_needs_every_modality_of_the_offset():
                                          scale_indicators=True),
         imaging={"embeddings": ImagingBlock(None, corr_threshold=0.9)},
         model=CoxNet(l1_ratio=0.5, alpha=0.05), k="all")
-    pipe.fit({"clinical": df, "embeddings": emb}, time, event)
+    pipe.fit({"clinical": df, "embeddings": emb}, _y(time, event))
     state = {"name": "coxnet", "modalities": ["clinical", "embeddings"], "pipe": pipe,
              "center": -0.2}
     frames = {"clinical": df.loc[ids[:10]], "embeddings": emb.loc[ids[5:15]]}
     patients = ids[:15]
     got = predict_offset(state, frames, patients, meta=None)
     both = ids[5:10]
-    risk = pipe.predict_risk({"clinical": df.loc[both], "embeddings": emb.loc[both]})
+    risk = pipe.predict({"clinical": df.loc[both], "embeddings": emb.loc[both]})
     want = np.zeros(15)
     want[5:10] = risk + 0.2
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
@@ -294,10 +299,10 @@ def test_predict_offset_needs_every_modality_of_the_offset():
     fb = ClassicalPipeline(
         clinical_encoder=ClinicalEncoder(numeric=["age"], categorical=["sex"],
                                          scale_indicators=True),
-        model=CoxNet(l1_ratio=0.5, alpha=0.05)).fit({"clinical": df}, time, event)
+        model=CoxNet(l1_ratio=0.5, alpha=0.05)).fit({"clinical": df}, _y(time, event))
     state["fallback"] = {"modalities": ["clinical"], "pipe": fb, "center": 0.3}
     got = predict_offset(state, frames, patients, meta=None)
-    want[:5] = fb.predict_risk({"clinical": df.loc[ids[:5]]}) - 0.3
+    want[:5] = fb.predict({"clinical": df.loc[ids[:5]]}) - 0.3
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)   # 10..14: no clinical, 0
 
 
@@ -538,18 +543,18 @@ def test_predict_offset_with_a_stacked_probe():
     df, time, event = _clinical()
     ids = list(df.index)
     emb = _emb_frame(ids)
-    pipe = _pipe().fit({"clinical": df}, time, event)
+    pipe = _pipe().fit({"clinical": df}, _y(time, event))
     probe = ClassicalPipeline(imaging={"embeddings": ImagingBlock(None, corr_threshold=0.9)},
                               model=CoxNet(l1_ratio=0.5, alpha=0.05), k="all")
-    probe.fit({"embeddings": emb}, time, event)
+    probe.fit({"embeddings": emb}, _y(time, event))
     state = {"name": "coxnet", "modalities": ["clinical"], "pipe": pipe, "center": 0.1,
              "fallback": None,
              "probe": {"modalities": ["embeddings"], "pipe": probe, "center": -0.4,
                        "weights": [0.9, 0.7]}}
     frames = {"clinical": df.loc[ids[:12]], "embeddings": emb.loc[ids[4:12]]}
     got = predict_offset(state, frames, ids[:12])
-    main = pipe.predict_risk({"clinical": df.loc[ids[:12]]}) - 0.1
+    main = pipe.predict({"clinical": df.loc[ids[:12]]}) - 0.1
     pr = np.zeros(12)
-    pr[4:] = probe.predict_risk({"embeddings": emb.loc[ids[4:12]]}) + 0.4
+    pr[4:] = probe.predict({"embeddings": emb.loc[ids[4:12]]}) + 0.4
     assert np.abs(pr[4:]).max() > 1e-3
     np.testing.assert_allclose(got, 0.9 * main + 0.7 * pr, rtol=0, atol=1e-12)

@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 import pytest
+from sksurv.util import Surv
 
 from netsurv.survival.breslow import Breslow
 from tests.unit.test_report import make_run
@@ -45,7 +46,6 @@ def _whas500():
 def test_breslow_equals_sksurv_breslow_estimator_on_whas500():
     from sksurv.linear_model import CoxPHSurvivalAnalysis
     from sksurv.linear_model.coxph import BreslowEstimator
-    from sksurv.util import Surv
 
     X, time, event = _whas500()
     cox = CoxPHSurvivalAnalysis(alpha=1e-4).fit(X.to_numpy(), Surv.from_arrays(event, time))
@@ -96,8 +96,8 @@ def test_lifelines_coxph_baseline_is_the_same_breslow_on_rossi():
     np.testing.assert_allclose(got, H0.to_numpy(), rtol=1e-6, atol=1e-12)
     # the package's CoxPH keeps lifelines' baseline, evaluated as a step function: the same
     # curves as Breslow on its linear predictor, between event times too
-    m = CoxPH(penalizer=0.1).fit(X, rossi.week, rossi.arrest)
-    risk = m.predict_risk(X)
+    m = CoxPH(penalizer=0.1).fit(X, Surv.from_arrays(rossi.arrest.astype(bool), rossi.week))
+    risk = m.predict(X)
     times = np.array([0.5, 5.0, 9.5, 20.0, 33.3, 47.9, 52.0])
     want = Breslow().fit(risk, rossi.week, rossi.arrest).survival(risk[:40], times)
     np.testing.assert_allclose(m.predict_survival(X.iloc[:40], times), want, atol=1e-6)
@@ -107,8 +107,8 @@ def test_coxnet_library_baseline_agrees_with_breslow():
     from netsurv.survival.coxnet import CoxNet
 
     X, time, event = _whas500()
-    m = CoxNet(alpha=0.05).fit(X, time, event.astype(int))
-    risk = m.predict_risk(X)
+    m = CoxNet(alpha=0.05).fit(X, Surv.from_arrays(event.astype(bool), time))
+    risk = m.predict(X)
     ev = np.unique(time[event])
     times = np.r_[ev[[0, 10, 80]], ev[[20, 100]] + 0.5, time.max()]
     want = Breslow().fit(risk, time, event).survival(risk[:50], times)
@@ -153,8 +153,9 @@ def _tiny_run(tmp_path, estimator):
     data = SimpleNamespace(time=time, event=event)
     preds, curves, per, splits = [], [], {"ibs": {}, "ibs_null": {}, "td_auc": {}}, []
     for sp in holdout_splits(event, seeds=(0, 1, 2), test_size=0.3):
-        m = estimator().fit(X.iloc[sp.train], time[sp.train], event[sp.train])
-        risk = m.predict_risk(X)
+        m = estimator().fit(X.iloc[sp.train], Surv.from_arrays(event[sp.train].astype(bool),
+                                                            time[sp.train]))
+        risk = m.predict(X)
         role = np.full(len(df), "train", dtype=object)
         role[sp.test] = "test"
         fit = SplitFit(risk=risk, role=role, selected=[], model=m,

@@ -4,9 +4,10 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from netsurv.cohort.demo_ct import write_demo_ct
+from netsurv.demo.ct import write_demo_ct
 from netsurv.radiology import radiomics as R
 from netsurv.radiology.volumes import VolumeError, load_case, read_volume
+from netsurv.stages import FAILURE_COLUMNS
 
 PARAMS = {"name": "original", "label": 1, "resample_mask": False,
           "settings": {"binWidth": 25, "interpolator": "sitkBSpline"},
@@ -136,6 +137,8 @@ def test_failures_recorded_others_complete_and_resume(cases, tmp_path, monkeypat
     assert list(fail.patient_id) == ["BAD"] and "cannot be read" in fail.reason[0]
     assert table["scanner"].eq("A").all()                       # acquisition columns kept
     assert (out / "radiomics.csv").is_file() and (out / "failures.csv").is_file()
+    assert list(pd.read_csv(out / "failures.csv").columns) == FAILURE_COLUMNS  # every stage's
+    assert list(fail.columns) == FAILURE_COLUMNS and fail.path[0] == str(bad)
     assert sorted(calls) == ["BAD", "P0", "P1", "P2"]
     # an interrupted run: one finished case lost its cache entry -> only it is recomputed
     next(iter((out / "cases").glob("P1-*.json"))).unlink()

@@ -274,7 +274,7 @@ def _trident_tiles(h5, slide_path, idx):
 def test_clam_and_trident_read_our_coords(which, tmp_path):
     """Both readers get the same pixels as TileDataset, also when our tiles are resampled
     (a 0.25 µm/px slide tiled at 0.5 µm/px: CLAM's patch_size is in level-0 pixels)."""
-    from netsurv.cohort.demo_wsi import write_demo_slide
+    from netsurv.demo.wsi import write_demo_slide
 
     if which == "cmu1":
         path = CMU1

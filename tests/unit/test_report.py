@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from netsurv.cohort.demo import CLINICAL_COLUMNS, simulate_patients
+from netsurv.demo.cohort import CLINICAL_COLUMNS, simulate_patients
+from netsurv.evaluation.attention import PatientAttention, write_attention
 from netsurv.report import figures as F
-from netsurv.report.heatmap import PatientAttention, write_attention
 from netsurv.report.html import write_report
 from netsurv.report.km import assign_groups, km_analysis, km_groups, logrank_p, risk_thresholds
 
@@ -236,7 +236,7 @@ def test_real_training_run_report(tmp_path):
     out = tmp_path / "run"
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            "experiment=clinical", "data=cohort", f"data.root={root}", "model=coxph",
+            "experiment=clinical", "~net", "data=cohort", f"data.root={root}", "model=coxph",
             "model.grid.penalizer=[0.1]", "evaluation.seeds=[0,1]", "+output_dir=" + str(out),
             "data.clinical.categorical=[sex,smoking,histology,stage]"])
     run(cfg)

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from netsurv.evaluation.attention import PatientAttention, read_attention, write_attention
 from netsurv.pathology.slides import open_slide
 from netsurv.report.heatmap import (
-    PatientAttention,
     choose_records,
     draw_heatmap,
     fig_tile_gallery,
     normalize_scores,
-    read_attention,
     score_raster,
-    write_attention,
 )
 
 MARK = (320, 192)   # level-0 top-left of the black 64 px square and of the attended tile

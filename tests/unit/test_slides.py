@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from netsurv.cohort.demo_wsi import write_demo_slide
+from netsurv.demo.wsi import write_demo_slide
 from netsurv.pathology.slides import SlideError, _tiff_resolution_mpp, open_slide
 
 

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from omegaconf import OmegaConf
 
 from netsurv.cohort import load_cohort
-from netsurv.cohort.demo import make_demo_cohort
+from netsurv.demo.cohort import make_demo_cohort
 
 
 def verify_h5(p):
@@ -191,7 +191,7 @@ def test_demo_generation_by_several_processes_at_once(tmp_path):
     root = tmp_path / "cache" / "demo"
     code = f"""
         from netsurv.cohort import load_cohort
-        from netsurv.cohort.demo import make_demo_cohort
+        from netsurv.demo.cohort import make_demo_cohort
         wait_for_go()
         r = make_demo_cohort(Path({str(root)!r}), n_patients=4, seed=1, n_jobs=1)
         # use the cohort while the other process may still be "generating" it

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from netsurv.cohort.demo_wsi import write_demo_slide
+from netsurv.demo.wsi import write_demo_slide
 from netsurv.pathology.rawtiles import RawTileReader, decode_jpeg_torch
 from netsurv.pathology.slides import open_slide
 from netsurv.pathology.tiling import (

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from netsurv.cohort.demo_ct import write_demo_ct
+from netsurv.demo.ct import write_demo_ct
 from netsurv.radiology import radiomics as R
 from netsurv.radiology.volumes import VolumeError, load_case, non_finite_voxels, read_volume
 

@@ -301,6 +301,13 @@ def list_encoders() -> list[str]:
 
 
 def get_spec(name: str) -> EncoderSpec:
+    """The :class:`EncoderSpec` registered as ``name``.
+
+    Raises
+    ------
+    KeyError
+        If ``name`` is not registered (the message lists the available names).
+    """
     try:
         return _SPECS[name]
     except KeyError:
@@ -329,19 +336,40 @@ def build_encoder(
 ) -> Encoder:
     """Build a registered encoder (the steps and hooks: :class:`EncoderSpec`).
 
-    Args:
-        name: registry name (see :func:`list_encoders`).
-        weights: ``None`` (entry default), ``"random"``, ``"hub"``, ``"package"`` (entries
-            with ``package_weights``) or a path to a local checkpoint (timm key layout; see
-            module docstring).
-        device: torch device for the model and preprocessed tensors.
-        precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32;
-            ``NETSURV_CPU_FLAGS`` overrides the CPU probe), ``"bf16"`` or ``"fp32"``.
-        keep_classifier: keep the classifier head (entries with ``classifier_classes``:
-            the ImageNet lite0); the model then returns ``[B, classifier_classes]`` logits
-            instead of embeddings.
-        seed: seed for ``weights="random"`` (the global RNG state is left untouched).
-        compile: wrap the model with ``torch.compile``.
+    Parameters
+    ----------
+    name
+        Registry name (see :func:`list_encoders`).
+    weights
+        ``None`` (entry default), ``"random"``, ``"hub"``, ``"package"`` (entries with
+        ``package_weights``) or a path to a local checkpoint (timm key layout; see module
+        docstring).
+    device
+        Torch device for the model and preprocessed tensors.
+    precision
+        ``"auto"`` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32;
+        ``NETSURV_CPU_FLAGS`` overrides the CPU probe), ``"bf16"`` or ``"fp32"``.
+    keep_classifier
+        Keep the classifier head (entries with ``classifier_classes``: the ImageNet lite0);
+        the model then returns ``[B, classifier_classes]`` logits instead of embeddings.
+    seed
+        Seed for ``weights="random"`` (the global RNG state is left untouched).
+    compile
+        Wrap the model with ``torch.compile``.
+
+    Returns
+    -------
+    Encoder
+        The model in eval mode without gradients on ``device`` (channels-last for CNNs),
+        with its preprocessing settings and the weights' source.
+
+    Raises
+    ------
+    KeyError
+        If ``name`` is not registered.
+    ValueError
+        If ``keep_classifier`` or ``weights="package"`` is asked of an entry without a
+        classifier head or package weights.
     """
     spec = get_spec(name)
     device = torch.device(device)
@@ -439,6 +467,7 @@ class ClsMeanPatch(nn.Module):
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the backbone and pool its tokens to ``[B, 2C]``."""
         tokens = self.backbone(x)
         cls = tokens[:, 0]
         patches = tokens[:, self.num_prefix_tokens:]

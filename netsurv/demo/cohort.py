@@ -5,8 +5,8 @@ Generative model, per patient:
   histology drives smoking, stage and the latent tumour traits, as in real lung NETs;
 - latent tumour traits (z-scores): CT-visible ``ct_size``, ``ct_irregularity``,
   ``ct_heterogeneity`` and WSI-visible ``wsi_density``, ``wsi_nuclear_size``,
-  ``wsi_pleomorphism``; they are rendered into the images by :mod:`.demo_ct` and
-  :mod:`.demo_wsi`;
+  ``wsi_pleomorphism``; they are rendered into the images by :mod:`.ct` and
+  :mod:`.wsi`;
 - true risk = linear predictor over clinical variables and traits (``truth.csv``), so every modality
   alone carries part of the signal and the oracle C-index is the ceiling any model can reach;
 - OS and PFS from Weibull proportional-hazards models sharing that linear predictor; PFS ends at
@@ -152,14 +152,14 @@ def _params_key(params: dict) -> str:
 
 
 def _write_slide_job(job: dict) -> dict:
-    from .demo_wsi import write_demo_slide
+    from .wsi import write_demo_slide
 
     rng = np.random.default_rng(job.pop("seed"))
     return write_demo_slide(rng=rng, **job)
 
 
 def _write_ct_job(job: dict) -> dict:
-    from .demo_ct import write_demo_ct
+    from .ct import write_demo_ct
 
     rng = np.random.default_rng(job.pop("seed"))
     return write_demo_ct(rng=rng, **job)
@@ -189,7 +189,7 @@ def plan_cohort(n_patients: int = 83, seed: int = 0, size: str = "small", *,
 
     Returns ``(patients, slide_jobs, ct_jobs)``; job paths are relative to the cohort folder.
     """
-    from .demo_ct import SCANNERS
+    from .ct import SCANNERS
 
     if size not in SIZES:
         raise ValueError(f"demo size={size!r} unknown; use one of {sorted(SIZES)}")
