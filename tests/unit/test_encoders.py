@@ -424,6 +424,28 @@ def test_rounded_float_resize_matches_uint8_kernel():
         assert d.max() <= 2 and d.float().mean() < 0.3, (mode, d.max(), d.float().mean())
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_uint8_resize_gives_the_single_call_pixels(threads):
+    """The CPU uint8 resize runs over chunks of the batch in threads (torch's uint8 kernel is
+    single-threaded): every pixel and the memory layout equal one call on the whole batch."""
+    from netsurv.pathology.encoders.core import _resize
+
+    x = torch.from_numpy(np.concatenate([_ihc_tiles(256)] * 6)).permute(0, 3, 1, 2)
+    assert len(x) >= 24  # enough images for three chunks
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for xx, inference in ((x, False), (x.contiguous(), False), (x, True)):  # NHWC, NCHW
+            with torch.inference_mode(inference):  # as the embedding job calls it
+                got = _resize(xx, (224, 224), "bicubic", "cpu")
+            want = F.interpolate(xx, size=(224, 224), mode="bicubic", antialias=True)
+            assert torch.equal(got, want)
+            assert got.is_contiguous(memory_format=torch.channels_last) == \
+                want.is_contiguous(memory_format=torch.channels_last)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("tile", [224, 256])
 def test_crop_pct_resizes_then_crops_at_every_tile_size(tile):
     """Prov-GigaPath's model card: Resize(256, bicubic) + CenterCrop(224), also for 224-px

@@ -237,8 +237,43 @@ def _resize(x: torch.Tensor, size: tuple[int, int], interpolation: str,
         return out.clamp_(0.0, 1.0) if mode in ("bilinear", "bicubic") else out
     dev = torch.device(device) if device is not None else x.device
     if dev.type == "cpu" and mode != "area":  # uint8 in, uint8 out (rounded, clamped)
-        return F.interpolate(x, size=size, mode=mode, **_aa(mode))
+        return _resize_uint8_cpu(x, size, mode)
     return _resize_rounded(x.to(dev, non_blocking=True), size, mode)
+
+
+_RESIZE_POOL: dict = {}  # (pid, threads) -> ThreadPoolExecutor
+
+
+def _resize_uint8_cpu(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """torch's uint8 antialiased resize, over chunks of the batch in parallel threads.
+
+    The uint8 kernels run on one thread whatever ``torch.set_num_threads`` says (0.133 ms per
+    256-px tile with 1 or 2 threads); the images are independent and the kernel releases the
+    GIL, so ``torch.get_num_threads()`` threads each resize a chunk (0.081 ms per tile on 2).
+    Pixels are identical to one call on the whole batch."""
+    n = min(torch.get_num_threads(), len(x) // 8)
+    if n < 2:
+        return F.interpolate(x, size=size, mode=mode, **_aa(mode))
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = (os.getpid(), n)  # a forked child must not use its parent's (absent) threads
+    pool = _RESIZE_POOL.get(key)
+    if pool is None:
+        pool = _RESIZE_POOL[key] = ThreadPoolExecutor(n, thread_name_prefix="tile-resize")
+    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+           else torch.contiguous_format)
+    out = torch.empty((len(x), x.shape[1], *size), dtype=x.dtype, memory_format=fmt)
+    bounds = np.linspace(0, len(x), n + 1).astype(int)
+
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
+
+    def one(i):
+        a, b = bounds[i], bounds[i + 1]
+        with torch.inference_mode(inference):
+            out[a:b].copy_(F.interpolate(x[a:b], size=size, mode=mode, **_aa(mode)))
+
+    list(pool.map(one, range(n)))
+    return out
 
 
 def _aa(mode: str) -> dict:
