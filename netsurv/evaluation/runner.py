@@ -236,7 +236,7 @@ def split_record(data: RunData, split, fit: SplitFit, key: str) -> dict:
     try:
         m["cindex_uno"] = uno_cindex(time[tr], event[tr], tt, et, rt)
         _, _, m["td_auc"] = td_auc(time[tr], event[tr], tt, et, rt)
-    except (MetricError, AttributeError, ValueError) as exc:
+    except (MetricError, ValueError) as exc:
         warnings.warn(f"split {split.name}: time-dependent metrics skipped ({exc})", UserWarning)
     if data.truth is not None:
         m["oracle_cindex"] = harrell_cindex(tt, et, data.truth[te])

@@ -240,6 +240,9 @@ def test_real_training_run_report(tmp_path):
             "model.grid.penalizer=[0.1]", "evaluation.seeds=[0,1]", "+output_dir=" + str(out),
             "data.clinical.categorical=[sex,smoking,histology,stage]"])
     run(cfg)
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    # model=coxph gets survival curves, hence an integrated Brier score, like coxnet
+    assert 0.0 < m["ibs"]["mean"] < 0.25 and 0.0 < m["ibs_null"]["mean"] < 0.25
     html = write_report(out, dpi=50).read_text(encoding="utf-8")
     names = {a for a, _ in _imgs(html)}
     assert {"km_pooled", "td_auc", "brier", "calibration", "forest", "selection"} <= names
