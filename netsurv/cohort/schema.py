@@ -477,11 +477,12 @@ def load_ct(path: Path, root: Path, known: set[str], check_files: bool = True) -
                 f"patient {df.at[i, 'patient_id']!r}; give the mask's integer label of the "
                 "region of interest (e.g. 1) or leave it empty for the default.")
     if check_files:
-        for i in df.index:
-            for col in ("image", "mask"):
-                if not Path(df.at[i, col]).exists():
-                    notes.append(f"line {_line(df, i)}, patient {df.at[i, 'patient_id']!r}, "
-                                 f"column '{col}': file {df.at[i, col]} does not exist")
+        for i in df.index:  # one note per case (a case with neither file counts once)
+            gone = [f"column '{c}': file {df.at[i, c]}" for c in ("image", "mask")
+                    if not Path(df.at[i, c]).exists()]
+            if gone:
+                notes.append(f"line {_line(df, i)}, patient {df.at[i, 'patient_id']!r}, "
+                             f"{' and '.join(gone)} {'do' if len(gone) > 1 else 'does'} not exist")
         _warn_problems(path, "CT case", notes, len(df), root)
     return _reset(df)
 

@@ -475,6 +475,11 @@ def inner_search(pipe: ClassicalPipeline, frames, y, grid: dict, cv: int = 3, se
     time, event = check_survival_y(y, _n_rows(frames), "inner_search")
     ys = Surv.from_arrays(event.astype(bool), time)
     ks = list(grid.get("k", [pipe.k])) if pipe.imaging else [None]
+    # searched from the smallest k up ("all" last), so that an exact tie (an elastic net keeping
+    # the same features at two k) goes to the smaller one whatever the order of the list (deep
+    # runs list their network's k first, netsurv.evaluation.groups.net_top_k)
+    ks = sorted(ks, key=lambda k: (k is not None and not isinstance(k, int | np.integer),
+                                   k if isinstance(k, int | np.integer) else 0))
     model_keys = [k for k in grid if k != "k"]
     model_grid = [dict(zip(model_keys, v)) for v in
                   itertools.product(*(list(grid[k]) for k in model_keys))] or [{}]

@@ -110,3 +110,19 @@ def test_penalty_chosen_on_the_inner_folds(cohort):
     pipe.set_params(k=best.pop("k"), model=pipe.model.set_params(**best))
     pipe.fit(frames, _y(time, event))
     assert pipe.model_.alpha_ == best["alpha"] and np.abs(pipe.model_.coef_).sum() > 0
+
+
+def test_exact_ties_go_to_the_smaller_k_whatever_the_list_order(cohort):
+    """Two k that select the same features tie exactly (here 6 and "all": the table has six
+    genes); the smaller k wins in either list order (deep runs list their network's k first,
+    e.g. [10, 5, 20, all])."""
+    frames, time, event = cohort
+    model = CoxNet(l1_ratio=0.5, alpha=0.05)
+    res = [inner_search(_pipe(model), frames, _y(time, event), {"k": ks})
+           for ks in (["all", 6, 1], [1, 6, "all"])]
+    (b1, t1), (b2, t2) = res
+    pd.testing.assert_frame_equal(t1, t2)
+    c = t1.set_index("k").cindex
+    assert c.loc[6] == c.loc["all"] > c.loc[1]  # the tie this test is about, and the best
+    assert b1 == b2 == {"k": 6}
+    assert list(t1.k) == [1, 6, "all"]  # searched from the smallest k up

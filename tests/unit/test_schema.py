@@ -110,6 +110,13 @@ def test_missing_image_file_is_left_to_the_stage(cohort_dir):
     assert "ct.csv: 1 of 39 CT case(s) cannot be used" in msg
     assert "patient 'NET007', column 'mask'" in msg and "NET007_mask.nii.gz does not exist" in msg
     assert "NET007" in set(c.ct.patient_id)
+    # a case missing both files counts once (it said "2 of 39" before)
+    (cohort_dir / "img" / "NET007_ct.nii.gz").unlink()
+    with pytest.warns(CohortWarning) as rec:
+        load_cohort(cohort_dir)
+    msg = " ".join(str(w.message) for w in rec)
+    assert "ct.csv: 1 of 39 CT case(s) cannot be used" in msg
+    assert "column 'image': file" in msg and "and column 'mask': file" in msg
     usable = require_items(c, "ct")
     assert len(usable) == 38 and "NET007" not in set(usable.patient_id)
 
