@@ -393,25 +393,6 @@ class ClassicalPipeline(SurvivalMixin, BaseEstimator):
         X = self.design(frames, meta=meta)
         return self.model_.predict_cumulative_hazard_function(X, return_array=return_array)
 
-    def score(self, frames, y, *, meta=None) -> float:
-        """Harrell's C-index of :meth:`predict` (sksurv's ``concordance_index_censored``).
-
-        Parameters
-        ----------
-        frames : dict of {str: pandas.DataFrame}
-        y : structured ndarray or tuple
-        meta : pandas.DataFrame, optional
-
-        Returns
-        -------
-        float
-        """
-        from sksurv.metrics import concordance_index_censored
-
-        risk = np.asarray(self.predict(frames, meta=meta), float)
-        time, event = check_survival_y(y, len(risk), "ClassicalPipeline")
-        return float(concordance_index_censored(event.astype(bool), time, risk)[0])
-
 
 def _n_rows(frames) -> int | None:
     return len(next(iter(frames.values()))) if frames else None

@@ -182,13 +182,8 @@ class RawTileReader:
                         level, lx // tw + i, ly // th + j)
             return out
         out = np.empty((size, size, 3), np.uint8)
-        for ty in range(ly // th, (ly + size - 1) // th + 1):
-            for tx in range(lx // tw, (lx + size - 1) // tw + 1):
-                t = self._cached_tile(level, tx, ty)
-                x0, y0 = max(lx, tx * tw), max(ly, ty * th)
-                x1, y1 = min(lx + size, (tx + 1) * tw), min(ly + size, (ty + 1) * th)
-                out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = t[y0 - ty * th:y1 - ty * th,
-                                                          x0 - tx * tw:x1 - tx * tw]
+        for tx, ty in _covered(lx, ly, size, tw, th):
+            _paste(out, lx, ly, size, self._cached_tile(level, tx, ty), tx, ty, tw, th)
         return out
 
     def read_plan(self, x: int, y: int, plan: ReadPlan, level: int, downsample: float
@@ -227,8 +222,7 @@ class RawTileReader:
         spans = []
         last_use: dict = {}
         for lx, ly in lxy.tolist():
-            keys = [(level, tx, ty) for ty in range(ly // th, (ly + size - 1) // th + 1)
-                    for tx in range(lx // tw, (lx + size - 1) // tw + 1)]
+            keys = [(level, tx, ty) for tx, ty in _covered(lx, ly, size, tw, th)]
             spans.append(keys)
             for k in keys:
                 last_use.pop(k, None)
@@ -253,11 +247,7 @@ class RawTileReader:
                     lx, ly = (int(v) for v in lxy[i])
                     dst = tmp if plan.resize else out[i]
                     for k in spans[i]:
-                        _, tx, ty = k
-                        x0, y0 = max(lx, tx * tw), max(ly, ty * th)
-                        x1, y1 = min(lx + size, (tx + 1) * tw), min(ly + size, (ty + 1) * th)
-                        dst[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = tiles[k][
-                            y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
+                        _paste(dst, lx, ly, size, tiles[k], k[1], k[2], tw, th)
                     if plan.resize:
                         out[i] = resize_rgb(dst, plan.size_px)
 
@@ -291,6 +281,23 @@ class RawTileReader:
 
     def __getstate__(self):
         raise TypeError("RawTileReader holds a file descriptor; open one per process")
+
+
+def _covered(lx: int, ly: int, size: int, tw: int, th: int) -> list[tuple[int, int]]:
+    """(tx, ty) of the file tiles (``tw`` x ``th``) that the ``size`` x ``size`` region at level
+    pixel (lx, ly) covers, row by row."""
+    return [(tx, ty) for ty in range(ly // th, (ly + size - 1) // th + 1)
+            for tx in range(lx // tw, (lx + size - 1) // tw + 1)]
+
+
+def _paste(dst: np.ndarray, lx: int, ly: int, size: int, tile: np.ndarray, tx: int, ty: int,
+           tw: int, th: int) -> None:
+    """Copy the part of decoded file tile (tx, ty) that lies in the region at (lx, ly) into the
+    region's array ``dst``."""
+    x0, y0 = max(lx, tx * tw), max(ly, ty * th)
+    x1, y1 = min(lx + size, (tx + 1) * tw), min(ly + size, (ty + 1) * th)
+    dst[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = tile[y0 - ty * th:y1 - ty * th,
+                                                 x0 - tx * tw:x1 - tx * tw]
 
 
 def decode_jpeg_torch(reader: RawTileReader, level: int, tiles, device: str = "cpu"):

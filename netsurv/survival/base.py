@@ -59,7 +59,7 @@ class SurvivalMixin:
     Subclasses implement ``predict(X)`` returning a risk score (higher = worse).
     """
 
-    def score(self, X, y) -> float:
+    def score(self, X, y, **predict_params) -> float:
         """Harrell's concordance index of the predicted risks.
 
         Parameters
@@ -68,6 +68,9 @@ class SurvivalMixin:
             Samples to score (what ``predict`` accepts).
         y : structured ndarray or tuple
             Their survival outcome (see :func:`check_survival_y`).
+        **predict_params
+            Passed to ``predict`` (e.g. the ``meta`` of a
+            :class:`~netsurv.models.classical.ClassicalPipeline`).
 
         Returns
         -------
@@ -76,7 +79,7 @@ class SurvivalMixin:
         """
         from sksurv.metrics import concordance_index_censored
 
-        risk = np.asarray(self.predict(X), float)
+        risk = np.asarray(self.predict(X, **predict_params), float)
         time, event = check_survival_y(y, len(risk), type(self).__name__)
         return float(concordance_index_censored(event.astype(bool), time, risk)[0])
 
