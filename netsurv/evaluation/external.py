@@ -219,10 +219,14 @@ def prepare_external(cfg: DictConfig, prepare) -> tuple[RunData, list[Split], di
         tr_truth = train.truth if train.truth is not None else np.full(len(train.patients), np.nan)
         truth = np.concatenate([tr_truth, test.truth])
     bags = merge_bags(train.bags, test.bags, rename)
+    # the offset's probe tables (pathomics): the training cohort's columns; a test cohort
+    # without the table gets probe 0 (the training mean) from the offset
+    aux = {m: pd.concat([f, test.aux[m].rename(index=rename).reindex(columns=f.columns)])
+           if m in test.aux else f for m, f in train.aux.items()}
     data = RunData(cfg=cfg, cohort=train.cohort, patients=patients, frames=frames,
                    time=np.concatenate([train.time, test.time]),
                    event=np.concatenate([train.event, test.event]), truth=truth, meta=meta,
-                   bags=bags, bags_info=train.bags_info)
+                   bags=bags, bags_info=train.bags_info, aux=aux)
     n_tr = len(train.patients)
     split = Split(SPLIT_NAME, np.arange(n_tr), np.arange(n_tr, len(patients)))
     if train.event.sum() == 0:

@@ -76,6 +76,27 @@ def modality_frames(cohort: Cohort, cfg: DictConfig) -> dict[str, pd.DataFrame]:
     return frames
 
 
+def probe_frames(cohort: Cohort, cfg: DictConfig, mods) -> dict[str, pd.DataFrame]:
+    """Tables of ``mods`` that are not modalities of the run (the deep offset's stacked probes,
+    :mod:`netsurv.training.offset`), built as :func:`modality_frames` builds them.  The probes
+    are optional: a table that cannot be built (no readable slide, a failed stage) is left out
+    with a warning naming why, and the offset goes without it."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for m in mods:
+        if m in (EMBEDDINGS, WSI):  # the mean tile embedding comes from the run's bags
+            continue
+        one = OmegaConf.merge(cfg, {"modalities": [m]})
+        try:
+            require_inputs(cohort, one)
+            out.update(modality_frames(cohort, one))
+        except Exception as exc:  # noqa: BLE001 - an optional input must not fail the run
+            warnings.warn(f"offset probe {m!r} skipped: its table could not be built "
+                          f"({type(exc).__name__}: {exc})", UserWarning)
+    return out
+
+
 def acquisition_meta(cohort: Cohort) -> pd.DataFrame | None:
     """ct.csv acquisition columns by patient (ComBat batches), with clinical covariates."""
     if cohort.ct is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class CohortInputs:
     meta: pd.DataFrame | None
     bags: Any = None
     bags_info: dict | None = None
+    aux: dict = field(default_factory=dict)  # tables only the offset's probes read (pathomics)
 
 
 def run_config(run_dir) -> DictConfig:
@@ -131,7 +132,12 @@ def expected_columns(fitted: Fitted) -> dict[str, list[str] | None]:
 def cohort_inputs(cfg: DictConfig, cohort, fitted: Fitted) -> CohortInputs:
     """Run the run's stages on ``cohort`` and check its tables against the fitted steps."""
     from netsurv.evaluation.external import check_batches, check_tables
-    from netsurv.evaluation.inputs import acquisition_meta, modality_frames, require_inputs
+    from netsurv.evaluation.inputs import (
+        acquisition_meta,
+        modality_frames,
+        probe_frames,
+        require_inputs,
+    )
 
     require_inputs(cohort, cfg)
     frames = modality_frames(cohort, cfg)
@@ -157,7 +163,13 @@ def cohort_inputs(cfg: DictConfig, cohort, fitted: Fitted) -> CohortInputs:
     frames = {m: f.loc[[p for p in patients if p in f.index]] for m, f in frames.items()}
     meta = acquisition_meta(cohort)
     check_batches(cfg, frames, meta, str(cohort.root))
-    return CohortInputs(patients, frames, meta, bags, info)
+    aux = {}
+    st = (fitted.model or {}).get("inputs", {}).get("offset") if deep else None
+    if st is not None:  # tables the offset's stacked probes read beyond the run's modalities
+        from netsurv.training.offset import state_modalities
+
+        aux = probe_frames(cohort, cfg, [m for m in state_modalities(st) if m not in frames])
+    return CohortInputs(patients, frames, meta, bags, info, aux)
 
 
 def check_embeddings(run_dir, fitted: Fitted, info: dict | None) -> None:
@@ -208,11 +220,13 @@ def _deep_risk(cfg: DictConfig, fitted: Fitted, inputs: CohortInputs) -> dict:
     offset = None
     if st is not None:
         from netsurv.training.bags import embedding_means
-        from netsurv.training.offset import predict_offset
+        from netsurv.training.offset import predict_offset, state_modalities
 
-        mods = list(st["modalities"]) + ([EMBEDDINGS] if st.get("probe") else [])
+        tables = {**inputs.aux, **inputs.frames}
+        # a probe table that could not be built: its probe is 0 (the training mean) for all
         ofr = {m: (embedding_means(inputs.bags, patients) if m == EMBEDDINGS
-                   else inputs.frames[m]) for m in dict.fromkeys(mods)}
+                   else tables.get(m, pd.DataFrame(index=pd.Index([], name="patient_id"))))
+               for m in state_modalities(st)}
         offset = predict_offset(st, ofr, patients, inputs.meta)
     net = build_net(cfg, inp["dims"], int(inp["out_dim"]), offset=st is not None)
     net.load_state_dict(fitted.model["state_dict"])

@@ -42,6 +42,7 @@ from netsurv.evaluation.inputs import (
     acquisition_meta,
     harmonize_method,
     modality_frames,
+    probe_frames,
     require_inputs,
 )
 from netsurv.evaluation.records import RunData, SplitFit, SplitRecords, config_hash, split_key
@@ -216,6 +217,12 @@ def prepare(cfg: DictConfig) -> RunData:
                       f"{'deep' if deep else 'classical'} model", UserWarning)
     frames = {k: v.loc[[p for p in patients if p in v.index]] if deep else v.loc[patients]
               for k, v in frames.items()}
+    aux = {}
+    if deep:  # the offset's stacked probes that are not modalities of the run (pathomics)
+        from netsurv.training.offset import probe_modalities
+
+        aux = {k: v.loc[[p for p in patients if p in v.index]]
+               for k, v in probe_frames(cohort, cfg, probe_modalities(cfg)).items()}
     time, event = cohort.endpoint(str(cfg.target))
     pos = pd.Series(np.arange(len(cohort.patients)), index=cohort.patients)[patients].to_numpy()
     truth = None
@@ -223,7 +230,7 @@ def prepare(cfg: DictConfig) -> RunData:
         truth = cohort.truth["true_risk"].reindex(patients).to_numpy(float)
     return RunData(cfg=cfg, cohort=cohort, patients=patients, frames=frames, time=time[pos],
                    event=event[pos], truth=truth, meta=acquisition_meta(cohort), bags=bags,
-                   bags_info=bags_info)
+                   bags_info=bags_info, aux=aux)
 
 
 def split_record(data: RunData, split, fit: SplitFit, key: str) -> dict:

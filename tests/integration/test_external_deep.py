@@ -50,9 +50,9 @@ def ext(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("extdeep")
     mp = pytest.MonkeyPatch()
     mp.setenv("NETSURV_CACHE", str(tmp / "cache"))
-    # probe_p=1: the linear probe joins the offset whenever its weight is positive, so that
-    # predict() below must recompute the stacked offset too
-    m = _run(tmp / "run", ["evaluation.test_demo_seed=12", "offset.probe_p=1.0"])
+    # the slide probes join the offset whenever their weights are positive (no gate by
+    # default), so predict() below must recompute the stacked offset, pathomics included
+    m = _run(tmp / "run", ["evaluation.test_demo_seed=12"])
     yield tmp, m
     mp.undo()
 
@@ -66,7 +66,9 @@ def test_mil_external_run_and_predict(ext, tmp_path):
     assert "oracle_cindex" in m
     # the classical offset was fitted, so predict() below must recompute it for new patients
     assert all(t["offset"]["modalities"] == ["clinical"] for t in m["training"].values())
-    assert all(t["offset"]["probe"]["used"] for t in m["training"].values())
+    # the morphology probe is among the used ones: predict() must extract pathomics from the
+    # new cohort's slides for it (deterministic data: its weight is positive here)
+    assert all("pathomics" in t["offset"]["probes"]["used"] for t in m["training"].values())
     test_root = Path(e["test_root"])
     s = predict(tmp / "run", OmegaConf.create({"root": str(test_root)}), tmp_path / "p")
     got = pd.read_csv(tmp_path / "p" / "predictions.csv").dropna(subset=["risk"])

@@ -64,9 +64,11 @@ def test_every_experiment_runs_one_fast_step(tiny, tmp_path, experiment):
             ["clinical"] if "clinical" in want else None])
         assert "val_cindex" in metrics  # what hparams_search=optuna optimises (inner folds too)
         if "wsi" in cfg.modalities and want != ["embeddings"] and got == [want]:
-            for t in metrics["training"].values():  # the stacked linear probe was tested
-                pr = t["offset"]["probe"]
-                assert pr["probe_p"] == 0.05 and isinstance(pr["used"], bool)
+            for t in metrics["training"].values():  # the slide probes were stacked
+                pr = t["offset"]["probes"]
+                assert pr["probe_p"] is None and set(pr["used"]) <= {"embeddings", "pathomics"}
+                # both probes were fitted (pathomics extracted from the slides for them)
+                assert set(pr["models"]) == {"embeddings", "pathomics"}
                 assert pr["lr_p"] is None or 0.0 <= pr["lr_p"] <= 1.0
 
 
@@ -134,3 +136,33 @@ def test_optuna_sweeper_runs_two_trials_on_validation_cindex(tiny, tmp_path):
     vals = [json.loads(p.read_text())["val_cindex"]["mean"] for p in sweep.glob("*/metrics.json")]
     assert len(vals) == 2
     assert f"best_value: {max(vals)}" in best
+
+
+def test_probe_tables_are_built_from_the_slides_or_skipped_with_a_reason(tiny, tmp_path):
+    """The offset's pathomics probe reads a table the run does not model: it is extracted from
+    the slides; a cohort whose slides cannot be read loses that probe with a warning naming
+    it, not the run."""
+    import warnings
+
+    from netsurv.cohort import load_cohort
+    from netsurv.evaluation.inputs import probe_frames
+
+    cfg = _cfg(["experiment=clinical_pathomics", *_base(tiny)])
+    c = load_cohort(tiny)
+    got = probe_frames(c, cfg, ["embeddings", "pathomics"])
+    assert list(got) == ["pathomics"]          # embeddings come from the run's bags
+    tab = got["pathomics"]
+    assert set(tab.index) <= set(c.slides.patient_id) and len(tab) >= len(c.patients) // 2
+    assert tab.shape[1] > 10 and np.isfinite(tab.to_numpy(float)).any(axis=0).all()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "clinical.csv").write_bytes((tiny / "clinical.csv").read_bytes())
+    s = pd.read_csv(tiny / "slides.csv")
+    s["path"] = [f"missing/{p}" for p in s.path]
+    s.to_csv(bad / "slides.csv", index=False)
+    cfg_bad = _cfg(["experiment=clinical_pathomics", "data=cohort", f"data.root={bad}", *FAST])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert probe_frames(load_cohort(bad), cfg_bad, ["pathomics"]) == {}
+    assert any("offset probe 'pathomics' skipped" in str(x.message) and "slides" in str(x.message)
+               for x in w), [str(x.message) for x in w]

@@ -487,59 +487,92 @@ def _partial_loglik(time, event, lp):
     return float(np.sum(ev_sorted * (lp_sorted - log_risk_set)))
 
 
-def _stack_data(effect, n=240, seed=0):
+def _stack_data(effects, n=240, seed=0):
+    """``main`` (effect 0.9) and one probe per entry of ``effects``, all independent normal."""
     rng = np.random.default_rng(seed)
-    main, probe = rng.normal(size=n), rng.normal(size=n)
-    t_ev = rng.exponential(np.exp(-(0.9 * main + effect * probe)))
+    main = rng.normal(size=n)
+    probes = {f"p{j}": rng.normal(size=n) for j in range(len(effects))}
+    lp = 0.9 * main + sum(e * probes[f"p{j}"] for j, e in enumerate(effects))
+    t_ev = rng.exponential(np.exp(-lp))
     t_c = rng.exponential(1.5, n)
-    return main, probe, np.minimum(t_ev, t_c), (t_ev <= t_c).astype(int)
+    return main, probes, np.minimum(t_ev, t_c), (t_ev <= t_c).astype(int)
 
 
-def test_stack_test_coefficients_and_likelihood_ratio_against_independent_fits():
-    from scipy.stats import chi2
+def _sksurv_cox(cols, time, event):
     from sksurv.linear_model import CoxPHSurvivalAnalysis
     from sksurv.util import Surv
 
-    from netsurv.training.offset import stack_test
+    X = np.column_stack(cols)
+    return CoxPHSurvivalAnalysis(alpha=0).fit(X, Surv.from_arrays(event.astype(bool), time)).coef_
 
-    main, probe, time, event = _stack_data(effect=0.6)
-    got = stack_test(main, probe, time, event)
-    y = Surv.from_arrays(event.astype(bool), time)
-    both = CoxPHSurvivalAnalysis(alpha=0).fit(np.c_[main, probe], y)
-    one = CoxPHSurvivalAnalysis(alpha=0).fit(main[:, None], y)
-    np.testing.assert_allclose(got["weights"], both.coef_, atol=1e-4)
-    lr = 2 * (_partial_loglik(time, event, np.c_[main, probe] @ both.coef_)
-              - _partial_loglik(time, event, main * one.coef_[0]))
+
+def test_stack_probes_coefficients_and_likelihood_ratio_against_independent_fits():
+    from scipy.stats import chi2
+
+    from netsurv.training.offset import stack_probes
+
+    main, probes, time, event = _stack_data([0.6, 0.3])
+    got = stack_probes(main, probes, time, event)
+    both = _sksurv_cox([main, probes["p0"], probes["p1"]], time, event)
+    one = _sksurv_cox([main], time, event)
+    np.testing.assert_allclose([got["weights"][k] for k in ("main", "p0", "p1")], both,
+                               atol=1e-4)
+    lr = 2 * (_partial_loglik(time, event, np.c_[main, probes["p0"], probes["p1"]] @ both)
+              - _partial_loglik(time, event, main * one[0]))
     assert got["lr"] == pytest.approx(lr, abs=1e-4)
-    assert got["p"] == pytest.approx(chi2.sf(lr, 1), rel=1e-3) and got["p"] < 1e-4
-    assert 0.4 < got["weights"][1] < 0.8
+    assert got["p"] == pytest.approx(chi2.sf(lr, 2), rel=1e-3) and got["p"] < 1e-4
+    assert got["used"] == ["p0", "p1"] and 0.4 < got["weights"]["p0"] < 0.8
 
 
-def test_stack_test_finds_nothing_in_a_probe_without_signal():
-    from netsurv.training.offset import stack_test
+def test_stack_probes_drops_a_probe_with_a_negative_weight_and_refits():
+    """Non-negative probe weights: the harmful probe goes, the others' weights are those of
+    the refit without it (not of the fit with it)."""
+    from netsurv.training.offset import stack_probes
 
-    main, probe, time, event = _stack_data(effect=0.0, seed=1)
-    got = stack_test(main, probe, time, event)
-    assert got["p"] > 0.05 and abs(got["weights"][1]) < 0.2
-    assert stack_test(main, np.zeros_like(main), time, event) is None   # constant probe
+    main, probes, time, event = _stack_data([0.6, -0.5], seed=2)
+    got = stack_probes(main, probes, time, event)
+    assert got["used"] == ["p0"] and "p1" not in got["weights"]
+    np.testing.assert_allclose([got["weights"]["main"], got["weights"]["p0"]],
+                               _sksurv_cox([main, probes["p0"]], time, event), atol=1e-4)
+
+
+def test_stack_probes_gate_and_degenerate_probes():
+    from netsurv.training.offset import stack_probes
+
+    main, probes, time, event = _stack_data([0.0], seed=1)
+    free = stack_probes(main, probes, time, event)
+    gated = stack_probes(main, probes, time, event, p_max=0.05)
+    assert free["p"] > 0.05 and gated["used"] == []
+    assert free["used"] == (["p0"] if free["weights"].get("p0", 0) > 0 else [])
+    const = stack_probes(main, {"c": np.zeros_like(main)}, time, event)   # constant probe
+    assert const["used"] == [] and const["p"] == 1.0
+    assert stack_probes(np.ones_like(main), probes, time, event) is None  # constant main
 
 
 def test_wants_probe_only_for_auto_runs_with_tables_and_slides():
-    from netsurv.training.offset import wants_probe
+    from netsurv.training.offset import probe_modalities, wants_probe
 
-    def cfg(mods, choice="auto", p=0.05):
+    def cfg(mods, choice="auto", probes=("embeddings", "pathomics")):
         return OmegaConf.create({"modalities": mods, "offset": {"modalities": choice,
-                                                                "probe_p": p}})
+                                                                "probes": list(probes),
+                                                                "probe_p": None}})
     assert wants_probe(cfg(["clinical", "wsi"]))
     assert wants_probe(cfg(["clinical", "radiomics", "wsi"]))
     assert not wants_probe(cfg(["wsi"]))                  # slides only: the probe is the offset
     assert not wants_probe(cfg(["clinical", "radiomics"]))
     assert not wants_probe(cfg(["clinical", "wsi"], choice="tabular"))
-    assert not wants_probe(cfg(["clinical", "wsi"], p=None))
+    assert not wants_probe(cfg(["clinical", "wsi"], probes=()))
+    assert probe_modalities(cfg(["clinical", "wsi"])) == ["embeddings", "pathomics"]
+    # a table the tabular model already holds is not stacked a second time
+    assert probe_modalities(cfg(["clinical", "pathomics", "wsi"])) == ["embeddings"]
+    assert probe_modalities(cfg(["wsi"])) == []
 
 
-def test_predict_offset_with_a_stacked_probe():
-    """a * tabular + b * probe; patients without slides get probe 0 (the training mean)."""
+def test_predict_offset_with_stacked_probes():
+    """a * tabular + sum b_j * probe_j; patients without a probe's table get 0 for it (the
+    training mean); a run saved with the older single ``probe`` gives the same."""
+    from netsurv.training.offset import state_modalities
+
     df, time, event = _clinical()
     ids = list(df.index)
     emb = _emb_frame(ids)
@@ -547,14 +580,26 @@ def test_predict_offset_with_a_stacked_probe():
     probe = ClassicalPipeline(imaging={"embeddings": ImagingBlock(None, corr_threshold=0.9)},
                               model=CoxNet(l1_ratio=0.5, alpha=0.05), k="all")
     probe.fit({"embeddings": emb}, _y(time, event))
-    state = {"name": "coxnet", "modalities": ["clinical"], "pipe": pipe, "center": 0.1,
-             "fallback": None,
-             "probe": {"modalities": ["embeddings"], "pipe": probe, "center": -0.4,
-                       "weights": [0.9, 0.7]}}
-    frames = {"clinical": df.loc[ids[:12]], "embeddings": emb.loc[ids[4:12]]}
+    morph = emb.iloc[:, :6].rename(columns=lambda c: f"m_{c}") * 2 + 1
+    probe2 = ClassicalPipeline(imaging={"pathomics": ImagingBlock(None, corr_threshold=0.9)},
+                               model=CoxNet(l1_ratio=0.5, alpha=0.05), k="all")
+    probe2.fit({"pathomics": morph}, _y(time, event))
+    part = {"modalities": ["embeddings"], "pipe": probe, "center": -0.4}
+    part2 = {"modalities": ["pathomics"], "pipe": probe2, "center": 0.2}
+    base = {"name": "coxnet", "modalities": ["clinical"], "pipe": pipe, "center": 0.1,
+            "fallback": None}
+    state = {**base, "stack": {"main": 0.9, "probes": [{**part, "weight": 0.7},
+                                                        {**part2, "weight": 0.3}]}}
+    assert state_modalities(state) == ["clinical", "embeddings", "pathomics"]
+    frames = {"clinical": df.loc[ids[:12]], "embeddings": emb.loc[ids[4:12]],
+              "pathomics": morph.loc[ids[6:12]]}
     got = predict_offset(state, frames, ids[:12])
     main = pipe.predict({"clinical": df.loc[ids[:12]]}) - 0.1
-    pr = np.zeros(12)
+    pr, pr2 = np.zeros(12), np.zeros(12)
     pr[4:] = probe.predict({"embeddings": emb.loc[ids[4:12]]}) + 0.4
-    assert np.abs(pr[4:]).max() > 1e-3
-    np.testing.assert_allclose(got, 0.9 * main + 0.7 * pr, rtol=0, atol=1e-12)
+    pr2[6:] = probe2.predict({"pathomics": morph.loc[ids[6:12]]}) - 0.2
+    assert np.abs(pr[4:]).max() > 1e-3 and np.abs(pr2[6:]).max() > 1e-3
+    np.testing.assert_allclose(got, 0.9 * main + 0.7 * pr + 0.3 * pr2, rtol=0, atol=1e-12)
+    legacy = {**base, "probe": {**part, "weights": [0.9, 0.7]}}
+    np.testing.assert_allclose(predict_offset(legacy, frames, ids[:12]), 0.9 * main + 0.7 * pr,
+                               rtol=0, atol=1e-12)
