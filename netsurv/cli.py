@@ -51,6 +51,8 @@ USER_ERRORS: dict[str, tuple[str, ...]] = {
     "netsurv.pathology.slides": ("SlideError",),
     "netsurv.survival.metrics": ("MetricError",),
     "netsurv.pathology.encoders.core": ("EncoderWeightsError",),
+    "netsurv.cohort.splits": ("SplitError",),     # e.g. too few events for the protocol
+    "netsurv.training.bags": ("BagError",),       # unreadable features from TRIDENT/CLAM
 }
 
 

@@ -169,3 +169,18 @@ def test_train_script_on_a_broken_cohort(tmp_path):
     assert (f"error: {tmp_path / 'c' / 'clinical.csv'}, line 5: column 'os_time' is inf (not "
             "finite) for patient 'NET004'") in r.stderr
     assert pd.notna(r.stderr) and f"full log: {tmp_path / 'run' / 'train.log'}" in r.stderr
+
+
+def test_split_and_bag_errors_are_user_errors():
+    """Too few events for the protocol and unreadable feature files are the user's data, not
+    bugs: one line, not a traceback."""
+    from netsurv.cli import find_user_error
+    from netsurv.cohort.splits import SplitError
+    from netsurv.training.bags import BagError
+
+    for exc in (SplitError("too few events"), BagError("/f/s1.h5: 'features' has 0 tiles")):
+        assert find_user_error(exc) is exc
+        wrapped = RuntimeError("stage failed")
+        wrapped.__cause__ = exc
+        assert find_user_error(wrapped) is exc
+    assert find_user_error(ValueError("a bug")) is None
