@@ -263,6 +263,14 @@ def _check_ids(df: pd.DataFrame, path: Path, col: str = "patient_id") -> None:
     if blank.any():
         raise CohortError(f"{path}: empty '{col}' on line(s) {_lines(df, df.index[blank])}; "
                           "every row needs an id.")
+    # ids name the per-patient / per-slide files of the stages (features, bags, tiles): a path
+    # separator or '.'/'..' would write outside the stage's folder
+    ids = df[col].astype(str).str.strip()
+    bad = ids.str.contains(r"[/\\\x00-\x1f]", regex=True) | ids.isin([".", ".."])
+    if bad.any():
+        raise CohortError(f"{path}: '{col}' {sorted(set(ids[bad]))[:5]} on line(s) "
+                          f"{_lines(df, df.index[bad])} cannot be used: ids name files, so they "
+                          "may not contain '/', '\\' or control characters, nor be '.' or '..'.")
 
 
 def _not_a_number(value) -> str:

@@ -346,6 +346,21 @@ def test_numeric_covariate_holding_text_names_file_and_line(cohort_dir):
         ClinicalEncoder(numeric=["age"], categorical=["sex"]).fit(train)
 
 
+@pytest.mark.parametrize("table,col,bad", [("slides.csv", "slide_id", "site1/S001"),
+                                             ("slides.csv", "slide_id", ".."),
+                                             ("clinical.csv", "patient_id", "a\\b")])
+def test_ids_that_would_be_paths_are_refused(cohort_dir, table, col, bad):
+    """Ids name the stages' per-patient / per-slide files: a separator would write elsewhere."""
+    def edit(d):
+        d[col] = d[col].astype(object)
+        d.loc[1, col] = bad
+        return d
+    _edit(cohort_dir, table, edit)
+    with pytest.raises(CohortError, match=re.escape(table) + rf": '{col}' .* on line\(s\) "
+                       r"\[3\] cannot be used: ids name files"):
+        load_cohort(cohort_dir)
+
+
 def test_errors_of_other_tables_name_lines(cohort_dir):
     _edit(cohort_dir, "slides.csv", lambda d: d.assign(slide_id=["x"] * 2 + d.slide_id[2:].tolist()))
     with pytest.raises(CohortError, match=r"slides\.csv: duplicate slide_id \['x'\] \(lines \[2, 3\]\)"):
