@@ -557,10 +557,31 @@ def load_cohort(root, *, check_files: bool = True, outcomes: bool = True) -> Coh
         for p in sorted(fdir.glob("*.csv")):
             cohort.features[p.stem] = load_feature_table(p, known)
     if (root / "truth.csv").is_file():
-        truth = read_table(root / "truth.csv")
-        _require_columns(truth, ["patient_id", "true_risk"], root / "truth.csv")
-        cohort.truth = _index_by_patient(truth)
+        cohort.truth = load_truth(root / "truth.csv", known)
     return cohort
+
+
+def load_truth(path: Path, known: set[str]) -> pd.DataFrame:
+    """truth.csv (demo and simulated cohorts): one finite ``true_risk`` per patient of
+    clinical.csv, indexed by ``patient_id``; the oracle C-index is computed from it."""
+    df = read_table(path)
+    _require_columns(df, ["patient_id", "true_risk"], path)
+    _check_ids(df, path)
+    dup = df["patient_id"].duplicated(keep=False)
+    if dup.any():
+        ids = sorted(set(df.loc[dup, "patient_id"]))
+        raise CohortError(f"{path}: duplicate patient_id {ids[:10]} (lines "
+                          f"{_lines(df, df.index[dup])}); one true risk per patient.")
+    _check_patients_known(df, known, path)
+    risk = pd.to_numeric(df["true_risk"], errors="coerce")
+    bad = ~np.isfinite(risk.to_numpy(float))
+    if bad.any():
+        i = df.index[bad][0]
+        raise CohortError(f"{path}, line {_line(df, i)}: column 'true_risk' is "
+                          f"{str(df.at[i, 'true_risk'])!r} for patient {df.at[i, 'patient_id']!r}; "
+                          "it must be a finite number.")
+    df["true_risk"] = risk.astype(float)
+    return _index_by_patient(df)
 
 
 # ------------------------------------------------------------------------------ usable items

@@ -384,3 +384,22 @@ def test_feature_table_with_text_names_line(cohort_dir):
     with pytest.raises(CohortError, match=r"radiomics\.csv, line 5: feature column 'f2' is not "
                                           r"numeric \(value 'high' for patient 'NET004'\)"):
         load_cohort(cohort_dir)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda d: pd.concat([d, d.iloc[[2]]]), r"truth\.csv: duplicate patient_id \['NET003'\]"),
+    (lambda d: d.assign(patient_id=["GHOST"] + d.patient_id[1:].tolist()),
+     r"truth\.csv: 1 patient_id\(s\) not in clinical\.csv: \['GHOST'\]"),
+    (lambda d: d.assign(true_risk=["inf"] + d.true_risk[1:].astype(str).tolist()),
+     r"truth\.csv, line 2: column 'true_risk' is 'inf' for patient 'NET001'"),
+])
+def test_truth_table_is_checked(cohort_dir, edit, msg):
+    """truth.csv feeds the oracle C-index: one finite risk per known patient."""
+    ids = pd.read_csv(cohort_dir / "clinical.csv").patient_id
+    truth = pd.DataFrame({"patient_id": ids, "true_risk": np.linspace(-1, 1, len(ids))})
+    truth.to_csv(cohort_dir / "truth.csv", index=False)
+    c = load_cohort(cohort_dir)
+    assert c.truth["true_risk"].dtype == float and len(c.truth) == len(ids)
+    edit(truth).to_csv(cohort_dir / "truth.csv", index=False)
+    with pytest.raises(CohortError, match=msg):
+        load_cohort(cohort_dir)
