@@ -19,12 +19,15 @@ demo: $(STAMP)
 	$(PY) scripts/train.py experiment=clinical_pathomics
 
 # Every experiment on the demo cohort at two sizes (83 patients, seed 0; 250 patients, seed 7),
-# then one table of both (multirun/results/results.md). A failed job does not stop the rest.
+# and the deep CT experiments on the complete cases (complete_cases=true: the patients and splits
+# of their classical counterparts), then one table (multirun/results/results.md). A failed job
+# does not stop the rest.
 EXPERIMENTS ?= clinical,pathomics,clinical_pathomics,radiomics,clinical_radiomics,multimodal,seed/clinical,seed/pathomics,seed/clinical_pathomics,seed/radiomics,seed/clinical_radiomics,seed/embeddings
 results: $(STAMP)
 	-$(PY) scripts/train.py -m experiment=$(EXPERIMENTS) report=false hydra.sweep.dir=multirun/results/demo83
 	-$(PY) scripts/train.py -m experiment=$(EXPERIMENTS) report=false data.demo.n_patients=250 data.demo.seed=7 hydra.sweep.dir=multirun/results/demo250
-	$(PY) scripts/results_table.py multirun/results/demo83 multirun/results/demo250
+	-$(PY) scripts/train.py -m experiment=clinical_radiomics,multimodal complete_cases=true report=false hydra.sweep.dir=multirun/results/demo83cc
+	$(PY) scripts/results_table.py multirun/results/demo83 multirun/results/demo250 multirun/results/demo83cc
 
 test: $(STAMP)
 	$(PY) -m pytest -q

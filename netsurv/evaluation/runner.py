@@ -203,10 +203,15 @@ def prepare(cfg: DictConfig) -> RunData:
         from netsurv.evaluation.deep import bag_patients
 
         with_bag = bag_patients(bags)
-        # deep models handle missing modalities: keep patients with at least one of them
-        patients = [p for p in cohort.patients
-                    if any(p in f.index for f in frames.values()) or p in with_bag]
-        why = "have none of the modalities"
+        if cfg.get("complete_cases") and frames:
+            # the classical counterpart's patients (every feature table), hence its splits
+            patients = [p for p in cohort.patients if all(p in f.index for f in frames.values())]
+            why = "lack one of the feature tables (complete_cases=true) of"
+        else:
+            # deep models handle missing modalities: keep patients with at least one of them
+            patients = [p for p in cohort.patients
+                        if any(p in f.index for f in frames.values()) or p in with_bag]
+            why = "have none of the modalities"
     else:
         # classical models need every modality: keep complete cases
         patients = [p for p in cohort.patients if all(p in f.index for f in frames.values())]
@@ -390,6 +395,7 @@ def _assemble(cfg, data: RunData, splits, protocol, records: dict, out: Path, de
         "cindex": {**_summary(per["cindex"]), "bootstrap_ci95_per_split": boot},
     }
     if deep:
+        metrics["complete_cases"] = bool(cfg.get("complete_cases"))
         metrics.update({"loss": loss_class(cfg).name,
                         "fusion": str(cfg.fusion.module._target_).rsplit(".", 1)[-1],
                         "training": training})

@@ -122,7 +122,9 @@ def collect(multirun_dir) -> pd.DataFrame:
         b = m.get("baseline") or {}
         d = b.get("cindex_diff") or {}
         rows.append({
-            "experiment": m["experiment"], "harmonize": m.get("harmonize", "none"),
+            "experiment": m["experiment"] + (" (complete cases)" if m.get("complete_cases")
+                                             else ""),
+            "harmonize": m.get("harmonize", "none"),
             "endpoint": m["endpoint"], "protocol": m.get("protocol"),
             "cohort": _cohort_name(f.parent),
             "n_patients": m.get("n_patients"), "n_events": m.get("n_events"),

@@ -166,3 +166,17 @@ def test_probe_tables_are_built_from_the_slides_or_skipped_with_a_reason(tiny, t
         assert probe_frames(load_cohort(bad), cfg_bad, ["pathomics"]) == {}
     assert any("offset probe 'pathomics' skipped" in str(x.message) and "slides" in str(x.message)
                for x in w), [str(x.message) for x in w]
+
+
+def test_complete_cases_gives_the_classical_counterparts_patients_and_splits(tiny):
+    """complete_cases=true: a deep multimodal run models exactly the patients (hence the
+    splits) of the classical clinical+radiomics run; by default it keeps those without CT."""
+    from netsurv.evaluation.runner import prepare
+
+    deep = prepare(_cfg(["experiment=multimodal", *_base(tiny), "complete_cases=true"]))
+    classical = prepare(_cfg(["experiment=seed/clinical_radiomics", *_base(tiny)]))
+    every = prepare(_cfg(["experiment=multimodal", *_base(tiny)]))
+    assert deep.patients == classical.patients
+    assert np.array_equal(deep.event, classical.event) and np.array_equal(deep.time, classical.time)
+    assert set(deep.patients) < set(every.patients)   # the tiny cohort has patients without CT
+    assert set(deep.patients) == set(deep.frames["radiomics"].index)

@@ -192,7 +192,7 @@ def test_pooled_logrank_counts_each_patient_once():
 
 
 # ------------------------------------------------------------------------------ results table
-def _metrics_run(d, cohort, experiment, c, base=None, ibs=(0.2, 0.21)):
+def _metrics_run(d, cohort, experiment, c, base=None, ibs=(0.2, 0.21), **extra):
     import json
 
     d.mkdir(parents=True)
@@ -200,7 +200,7 @@ def _metrics_run(d, cohort, experiment, c, base=None, ibs=(0.2, 0.21)):
     s = lambda v: {"mean": v, "std": 0.01, "ci95": [v - 0.05, v + 0.05], "per_split": {}}  # noqa: E731
     m = {"experiment": experiment, "endpoint": "os", "harmonize": "none", "protocol": "holdout",
          "n_patients": 83, "n_events": 40, "cindex": s(c), "oracle_cindex": s(0.8),
-         "ibs": s(ibs[0]), "ibs_null": s(ibs[1])}
+         "ibs": s(ibs[0]), "ibs_null": s(ibs[1]), **extra}
     if base is not None:
         m["baseline"] = {"name": "CoxNet (clinical)", "cindex": s(base),
                          "cindex_diff": {**s(c - base), "ci95": [c - base - 0.04, c - base + 0.045]}}
@@ -214,6 +214,7 @@ def test_results_table_of_two_cohorts_has_the_comparison_columns(tmp_path):
     _metrics_run(a / "0", "n83-seed0-small", "clinical_pathomics", 0.70, base=0.68)
     _metrics_run(a / "1", "n83-seed0-small", "seed/clinical", 0.68)
     _metrics_run(b / "0", "n250-seed7-small", "clinical_pathomics", 0.72, base=0.75)
+    _metrics_run(a / "2", "n83-seed0-small", "multimodal", 0.77, base=0.78, complete_cases=True)
     results_table([a, b])
     md = (tmp_path / "mr" / "results.md").read_text()
     assert ("| n83-seed0-small | clinical_pathomics | os | 83 | 0.700 (0.650–0.750) | 0.680 | "
@@ -221,5 +222,7 @@ def test_results_table_of_two_cohorts_has_the_comparison_columns(tmp_path):
     assert "| n250-seed7-small | clinical_pathomics | os | 83 | 0.720 (0.670–0.770) | 0.750 | " \
            "-0.030 (-0.070 to +0.015) |" in md
     assert "| n83-seed0-small | seed/clinical | os | 83 | 0.680 (0.630–0.730) | – | – |" in md
+    # a deep run on its counterpart's complete cases says so
+    assert "| n83-seed0-small | multimodal (complete cases) | os | 83 | 0.770" in md
     # the endpoint-wide table keeps one row per cohort and model
     assert "| n250-seed7-small · clinical_pathomics | 0.720" in md
