@@ -273,6 +273,14 @@ def _check_ids(df: pd.DataFrame, path: Path, col: str = "patient_id") -> None:
                           "may not contain '/', '\\' or control characters, nor be '.' or '..'.")
 
 
+def _check_unique(df: pd.DataFrame, path: Path, col: str, hint: str) -> None:
+    dup = df[col].duplicated(keep=False)
+    if dup.any():
+        ids = sorted(set(df.loc[dup, col]))
+        raise CohortError(f"{path}: duplicate {col} {ids[:10]} (lines "
+                          f"{_lines(df, df.index[dup])}); {hint}")
+
+
 def _not_a_number(value) -> str:
     hint = ""
     if isinstance(value, str) and _DECIMAL_COMMA.match(value.strip()):
@@ -343,13 +351,8 @@ def load_clinical(path: Path, *, outcomes: bool = True) -> pd.DataFrame:
     df = read_table(path)
     _require_columns(df, CLINICAL_REQUIRED if outcomes else CLINICAL_REQUIRED[:1], path)
     _check_ids(df, path)
-    dup = df["patient_id"].duplicated(keep=False)
-    if dup.any():
-        ids = sorted(set(df.loc[dup, "patient_id"]))
-        raise CohortError(
-            f"{path}: duplicate patient_id {ids[:10]} (lines {_lines(df, df.index[dup])}); one "
-            "row per patient — put per-slide or per-scan data in slides.csv / ct.csv."
-        )
+    _check_unique(df, path, "patient_id", "one row per patient — put per-slide or per-scan "
+                  "data in slides.csv / ct.csv.")
     present = [ep for ep in ENDPOINTS if {f"{ep}_time", f"{ep}_event"} <= set(df.columns)]
     _validate_endpoints(df, path, present)
     if len(present) < 2:
@@ -409,11 +412,7 @@ def load_slides(path: Path, root: Path, known: set[str], check_files: bool = Tru
     _require_columns(df, SLIDES_REQUIRED, path)
     _check_ids(df, path)
     _check_ids(df, path, "slide_id")
-    dup = df["slide_id"].duplicated(keep=False)
-    if dup.any():
-        ids = sorted(set(df.loc[dup, "slide_id"]))
-        raise CohortError(f"{path}: duplicate slide_id {ids[:10]} (lines "
-                          f"{_lines(df, df.index[dup])}); slide ids must be unique.")
+    _check_unique(df, path, "slide_id", "slide ids must be unique.")
     _check_patients_known(df, known, path)
     if "mpp" in df.columns:
         mpp = pd.to_numeric(df["mpp"], errors="coerce")
@@ -519,11 +518,7 @@ def load_feature_table(path: Path, known: set[str]) -> pd.DataFrame:
     df = read_table(path)
     _require_columns(df, ["patient_id"], path)
     _check_ids(df, path)
-    dup = df["patient_id"].duplicated(keep=False)
-    if dup.any():
-        ids = sorted(set(df.loc[dup, "patient_id"]))
-        raise CohortError(f"{path}: duplicate patient_id {ids[:10]} (lines "
-                          f"{_lines(df, df.index[dup])}); one row per patient.")
+    _check_unique(df, path, "patient_id", "one row per patient.")
     _check_patients_known(df, known, path)
     for c in df.columns:
         if c == "patient_id" or pd.api.types.is_numeric_dtype(df[c]):
@@ -567,11 +562,7 @@ def load_truth(path: Path, known: set[str]) -> pd.DataFrame:
     df = read_table(path)
     _require_columns(df, ["patient_id", "true_risk"], path)
     _check_ids(df, path)
-    dup = df["patient_id"].duplicated(keep=False)
-    if dup.any():
-        ids = sorted(set(df.loc[dup, "patient_id"]))
-        raise CohortError(f"{path}: duplicate patient_id {ids[:10]} (lines "
-                          f"{_lines(df, df.index[dup])}); one true risk per patient.")
+    _check_unique(df, path, "patient_id", "one true risk per patient.")
     _check_patients_known(df, known, path)
     risk = pd.to_numeric(df["true_risk"], errors="coerce")
     bad = ~np.isfinite(risk.to_numpy(float))
